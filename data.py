@@ -1,0 +1,391 @@
+"""Data for CLIP training: captions CSV -> (image, tokens) batches, reproducibly; plus the demo dataset.
+
+What lives here: reading an image-caption CSV (QUILT-1M's layout by default), the train and eval
+transforms, the tokenizer, the sampler that fixes every global batch from (seed, epoch), the DataLoader,
+and a generator of synthetic H&E-like tiles so that everything runs offline out of the box.
+It does not train or evaluate anything.
+
+    python data.py            # writes the demo dataset into data/demo and prints where
+"""
+import csv
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: tokenizers come from local folders
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DEMO_DIR = os.path.join(REPO_DIR, "data", "demo")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics OpenAI CLIP normalised with
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def sample_seed(seed, epoch, index):
+    """One integer per (run seed, epoch, sample) that decides that sample's augmentation."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def train_transform(image, image_size, rrc_scale_min, seed):
+    """RandomResizedCrop(scale=(rrc_scale_min, 1)) + CLIP normalisation, its randomness fixed by `seed`.
+
+    RULE 2: augmentation randomness comes from (seed, epoch, sample index), never from which worker
+    process happens to load the sample, so --workers cannot change a result.
+    RULE 5: the lower crop scale defaults to 0.8; the study found 0.7-0.8 beat 0.6 and 0.9.
+    """
+    with torch.random.fork_rng(devices=[]):  # use torchvision's sampling, but with our own seed
+        torch.manual_seed(seed)
+        top, left, height, width = T.RandomResizedCrop.get_params(image, [rrc_scale_min, 1.0], [3 / 4, 4 / 3])
+    image = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
+                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+
+
+def eval_transform(image_size):
+    """Resize the shortest side, center-crop, normalise: no randomness at evaluation."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
+                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def load_rgb(path):
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def train_tokenizer(captions, out_dir, vocab_size):
+    """Train a byte-level BPE on the captions (deterministic, offline) and save it as a HF folder.
+
+    Start- and end-of-text are added after training, so end-of-text gets the largest id, as in
+    OpenAI CLIP's vocabulary: the text encoder pools there with argmax.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])  # CLIP lowercases
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(sorted(set(captions)), trainer)
+    bpe.add_special_tokens([SOT, EOT])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT).save_pretrained(out_dir)
+
+
+def load_tokenizer(folder):
+    """A local Hugging Face tokenizer folder: ours, or a saved CLIP tokenizer (vocab.json + merges.txt)."""
+    from transformers import AutoTokenizer
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--tokenizer {folder}: not a folder. Pass a local Hugging Face tokenizer folder.")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.eos_token_id != len(tokenizer) - 1 or tokenizer.bos_token_id is None:
+        raise SystemExit(f"--tokenizer {folder}: end-of-text must be the last id of the vocabulary and a "
+                         "start-of-text token must exist (CLIP pools at argmax of the token ids).")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of the tokenizer's full serialised state: vocabulary, merges, normaliser."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenize(tokenizer, texts, context_length):
+    """[SOT] + tokens + [EOT], truncated to context_length and padded with 0, as OpenAI CLIP does."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    tokens = torch.zeros(len(ids), context_length, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        seq = [tokenizer.bos_token_id] + seq[:context_length - 2] + [tokenizer.eos_token_id]
+        tokens[row, :len(seq)] = torch.tensor(seq)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- the CSV dataset
+
+def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
+    """Rows of (image path, caption). The separator follows the extension (.tsv tab, else comma)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--train-data {path}: no such file.")
+    separator = separator or ("\t" if path.endswith(".tsv") else ",")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
+        reader = csv.DictReader(f, delimiter=separator)
+        columns = reader.fieldnames or []
+        for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+            if key not in columns:
+                raise SystemExit(f"{path}: no column '{key}'; columns are {columns}. Pass {flag}"
+                                 + (" or --csv-separator (only one column was found)." if len(columns) == 1 else "."))
+        rows = [(row[img_key], row[caption_key]) for row in reader]
+    if not rows:
+        raise SystemExit(f"{path}: the CSV has a header but no rows.")
+    return rows
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CsvDataset(Dataset):
+    """Indexed by (epoch, sample index), so each sample's augmentation is a function of both."""
+
+    def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min, seed):
+        self.rows, self.image_root, self.tokenizer = rows, image_root, tokenizer
+        self.image_size, self.context_length = image_size, context_length
+        self.rrc_scale_min, self.seed = rrc_scale_min, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        path, caption = self.rows[index]
+        image = load_rgb(os.path.join(self.image_root, path))
+        image = train_transform(image, self.image_size, self.rrc_scale_min, sample_seed(self.seed, epoch, index))
+        return image, tokenize(self.tokenizer, [caption], self.context_length)[0]
+
+
+class GlobalBatchSampler:
+    """Yields, for every optimizer step from `start_step` on, this rank's micro-batches of (epoch, index).
+
+    RULE 3: one global batch regardless of hardware. The dataset is permuted once per epoch from
+    (seed, epoch); step s of the epoch takes the next `global_batch` samples of that permutation, and
+    the world_size * accum_steps micro-batches are contiguous slices of it. 1 process x 16 samples,
+    2 processes x 8, and 1 process x 2 accumulation steps x 8 see exactly the same set every step.
+    The position is just the step number, so resuming needs no sampler state beyond it.
+    """
+
+    def __init__(self, num_samples, batch_size, world_size, rank, accum_steps, seed, total_steps, start_step=0):
+        self.batch_size, self.world_size, self.rank, self.accum_steps = batch_size, world_size, rank, accum_steps
+        self.global_batch = batch_size * world_size * accum_steps
+        self.steps_per_epoch = num_samples // self.global_batch  # drop_last: every step is a full batch
+        self.num_samples, self.seed, self.total_steps, self.start_step = num_samples, seed, total_steps, start_step
+
+    def permutation(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self):
+        permutation, permutation_epoch = None, -1
+        for step in range(self.start_step, self.total_steps):
+            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+            if epoch != permutation_epoch:
+                permutation, permutation_epoch = self.permutation(epoch), epoch
+            batch = permutation[step_in_epoch * self.global_batch:(step_in_epoch + 1) * self.global_batch]
+            for micro in range(self.accum_steps):
+                start = (micro * self.world_size + self.rank) * self.batch_size
+                yield [(epoch, index) for index in batch[start:start + self.batch_size]]
+
+    def __len__(self):
+        return (self.total_steps - self.start_step) * self.accum_steps
+
+
+def make_train_loader(dataset, sampler, workers, seed, pin_memory):
+    # RULE 1: seeded everywhere. The loader's generator only seeds worker processes; augmentation
+    # itself is already fixed per sample (RULE 2), so this is belt and braces.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- the demo dataset
+# Synthetic H&E-like tiles. Each tile is drawn as stain concentrations (hematoxylin for nuclei,
+# eosin for cytoplasm and stroma) turned into colour by Beer-Lambert's law, as real stains absorb.
+# Classes differ by subtle, overlapping cues driven by a latent "atypia" score whose distributions
+# overlap between benign and malignant classes, so even a perfect model stays below 100%.
+
+DEMO_CLASSES = {  # class: (phrases for captions; the first is the evaluation's class name)
+    "colon_aca": ["colon adenocarcinoma", "adenocarcinoma of the colon", "malignant colonic glands",
+                  "invasive colonic adenocarcinoma with crowded irregular glands"],
+    "colon_n": ["benign colonic tissue", "normal colonic mucosa", "benign colon with regular crypts",
+                "unremarkable colonic mucosa"],
+    "lung_aca": ["lung adenocarcinoma", "adenocarcinoma of the lung", "malignant glandular lung tumor",
+                 "pulmonary adenocarcinoma with acinar glands"],
+    "lung_n": ["benign lung", "normal lung parenchyma", "benign lung with thin alveolar septa",
+               "unremarkable alveolar lung tissue"],
+    "lung_scc": ["lung squamous cell carcinoma", "squamous cell carcinoma of the lung",
+                 "keratinizing squamous carcinoma of the lung", "pulmonary squamous cell carcinoma with keratin"],
+    "node_n": ["lymph node", "benign lymph node", "reactive lymph node with small lymphocytes",
+               "lymph node negative for tumor"],
+    "node_met": ["lymph node containing metastatic tumor tissue", "metastatic carcinoma in a lymph node",
+                 "lymph node with metastatic tumor deposits", "nodal metastasis of carcinoma"],
+}
+CAPTION_TEMPLATES = ["{}", "{}.", "H&E section of {}.", "{}, 20x.", "histology of {}", "microscopy: {}.",
+                     "high power view of {}", "a case of {}.", "this tile shows {}.", "{} (hematoxylin and eosin)."]
+MALIGNANT = {"colon_aca", "lung_aca", "lung_scc", "node_met"}
+TILE = 96  # pixels, as PatchCamelyon's patches
+
+
+def _ellipses(rng, yx, radius, elongation, strength):
+    """Sum of soft-edged ellipses at centres `yx` (N, 2): a (TILE, TILE) concentration map.
+
+    Each ellipse is evaluated only in a window around its centre and the windows are summed with
+    bincount: a tile of hundreds of nuclei takes about a millisecond.
+    """
+    half = int(np.ceil(2 * (radius * elongation).max()))
+    offsets = np.arange(-half, half + 1)
+    ys = np.floor(yx[:, 0, None, None]).astype(int) + offsets[None, :, None]  # (N, W, 1)
+    xs = np.floor(yx[:, 1, None, None]).astype(int) + offsets[None, None, :]  # (N, 1, W)
+    angle = rng.uniform(0, np.pi, len(yx))[:, None, None]
+    dy, dx = ys - yx[:, 0, None, None], xs - yx[:, 1, None, None]             # (N, W, W) by broadcasting
+    u, v = dy * np.cos(angle) + dx * np.sin(angle), -dy * np.sin(angle) + dx * np.cos(angle)
+    r = radius[:, None, None]
+    d = np.minimum(np.sqrt((u / (r * elongation[:, None, None])) ** 2 + (v / r) ** 2), 10)
+    values = strength[:, None, None] / (1 + np.exp(6 * (d - 1)))
+    ys, xs = np.broadcast_to(ys, values.shape), np.broadcast_to(xs, values.shape)
+    inside = (ys >= 0) & (ys < TILE) & (xs >= 0) & (xs < TILE)
+    return np.bincount((ys * TILE + xs)[inside], values[inside], TILE * TILE).reshape(TILE, TILE).astype(np.float32)
+
+
+def _ring(rng, centre, radius, count, jitter):
+    """`count` points around a circle (gland epithelium), displaced by `jitter` pixels."""
+    theta = np.linspace(0, 2 * np.pi, count, endpoint=False) + rng.uniform(0, 2 * np.pi)
+    points = centre + radius * np.stack([np.sin(theta), np.cos(theta)], 1)
+    return points + rng.normal(0, jitter + 1e-3, points.shape)
+
+
+def render_tile(rng, label):
+    """One RGB uint8 tile of class `label`."""
+    atypia = float(np.clip(rng.normal(0.65 if label in MALIGNANT else 0.3, 0.15), 0, 1))
+    zoom = rng.uniform(0.85, 1.15)
+    hema, eosin = np.zeros((TILE, TILE), np.float32), np.full((TILE, TILE), rng.uniform(0.25, 0.45), np.float32)
+    nuclei = []  # (centres, base radius) groups
+
+    def holes(centres, radii):  # white spaces: gland lumens, alveoli
+        eosin[:] = eosin * np.exp(-_ellipses(rng, centres, radii, np.ones(len(radii)), np.full(len(radii), 4.0)))
+
+    organ = label.split("_")[0]
+    if organ == "colon" or label == "lung_aca":
+        glands = rng.integers(2, 5)
+        for _ in range(glands):
+            centre, radius = rng.uniform(15, 81, 2), zoom * rng.uniform(9, 14)
+            holes(centre[None], np.array([radius * (0.55 - 0.25 * atypia)]))
+            # Benign glands: one regular ring. Atypia: crowded, jittered, stratified (two rings).
+            count = int(radius * (1.2 + 1.2 * atypia))
+            nuclei.append((_ring(rng, centre, radius * 0.75, count, 3 * atypia * zoom), 1.6))
+            if rng.random() < atypia:
+                nuclei.append((_ring(rng, centre, radius * 1.05, count, 3 * atypia * zoom), 1.6))
+        if label == "lung_aca":
+            holes(rng.uniform(0, TILE, (3, 2)), zoom * rng.uniform(6, 10, 3))
+    elif label in ("lung_n", "lung_scc"):
+        squamous = label == "lung_scc"
+        if squamous:  # sheets of cells on a jittered grid, with a few concentric keratin pearls
+            step = zoom * (8.5 - 2 * atypia)
+            axis = np.arange(step / 2, TILE, step)
+            yx = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+            nuclei.append((yx + rng.normal(0, 1.5, yx.shape), 1.7))
+            eosin += 0.25
+            for centre in rng.uniform(15, 81, (rng.integers(0, 3), 2)):
+                eosin += 0.5 * _ellipses(rng, centre[None], np.array([6.0 * zoom]), np.ones(1), np.ones(1))
+        else:  # alveoli: large empty spaces with thin septa holding sparse small nuclei
+            holes(rng.uniform(0, TILE, (9, 2)), zoom * rng.uniform(9, 14, 9))
+            nuclei.append((rng.uniform(0, TILE, (int(25 + 40 * atypia), 2)), 1.4))
+    else:  # lymph node: a carpet of small dark lymphocytes; metastases add a cluster of large pale cells
+        nuclei.append((rng.uniform(0, TILE, (int(zoom * 260), 2)), 1.25))
+        large = int(40 * atypia ** 2)
+        if large:
+            centre = rng.uniform(25, 71, 2)
+            nuclei.append((centre + rng.normal(0, 12 * zoom, (large, 2)), 2.6))
+    stroma = rng.uniform(0, TILE, (int(15 + 10 * atypia), 2))  # scattered stromal cells everywhere
+    nuclei.append((stroma, 1.2))
+
+    for centres, base in nuclei:
+        n = len(centres)
+        # Atypia enlarges nuclei, varies their size (pleomorphism) and darkens them (hyperchromasia).
+        radius = zoom * base * (1 + 0.5 * atypia) * np.exp(rng.normal(0, 0.08 + 0.25 * atypia, n))
+        pale = 0.6 if base > 2.5 else 1.0  # tumour nuclei in nodes have open, paler chromatin
+        strength = pale * rng.uniform(0.9, 1.3, n) * (0.9 + 0.4 * atypia)
+        hema += _ellipses(rng, centres, radius, rng.uniform(1.0, 1.2 + 0.6 * atypia, n), strength)
+    # Beer-Lambert: optical density = concentration x stain vector; stain colours vary slide to slide.
+    h_vector = np.array([0.65, 0.70, 0.29]) * rng.uniform(0.85, 1.15, 3)
+    e_vector = np.array([0.07, 0.99, 0.11]) * rng.uniform(0.85, 1.15, 3)
+    density = hema[..., None] * h_vector + eosin[..., None] * e_vector
+    density = density * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, density.shape)
+    image = np.clip(255 * np.exp(-density), 0, 255).astype(np.uint8)
+    return np.rot90(image, rng.integers(4)).copy()
+
+
+def caption_for(rng, label):
+    return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(
+        DEMO_CLASSES[label][rng.integers(len(DEMO_CLASSES[label]))])
+
+
+def _write_demo(root, per_class_train, per_class_eval, seed):
+    import h5py
+    def rng_for(split, label, i):  # independent streams: any tile can be regenerated on its own
+        return np.random.default_rng([seed, split, list(DEMO_CLASSES).index(label), i])
+
+    rows = []
+    for label in DEMO_CLASSES:
+        os.makedirs(os.path.join(root, "train", label))
+        for i in range(per_class_train):
+            rng = rng_for(0, label, i)
+            path = f"train/{label}/{i:05d}.jpg"
+            Image.fromarray(render_tile(rng, label)).save(os.path.join(root, path), quality=90)
+            rows.append((path, caption_for(rng, label)))
+    rows.sort()  # the CSV order must not depend on the order we generated in
+    with open(os.path.join(root, "train.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_path", "caption"])
+        writer.writerows(rows)
+    # Held-out tiles in the released layouts: LC25000 folders of JPEGs and PatchCamelyon HDF5 files.
+    lc25000 = {"colon_aca": "colon_image_sets/colon_aca", "colon_n": "colon_image_sets/colon_n",
+               "lung_aca": "lung_image_sets/lung_aca", "lung_n": "lung_image_sets/lung_n",
+               "lung_scc": "lung_image_sets/lung_scc"}
+    for label, folder in lc25000.items():
+        os.makedirs(os.path.join(root, "lung_colon_image_set", folder))
+        for i in range(per_class_eval):
+            image = render_tile(rng_for(1, label, i), label)
+            name = f"{label.replace('_', '').replace('colonaca', 'colonca')}{i + 1}.jpeg"
+            Image.fromarray(image).save(os.path.join(root, "lung_colon_image_set", folder, name), quality=90)
+    os.makedirs(os.path.join(root, "pcam"))
+    for split, count in (("train", 2 * per_class_eval), ("test", per_class_eval)):
+        labels = [0, 1] * count
+        x = np.stack([render_tile(rng_for(2 if split == "train" else 3, ("node_n", "node_met")[y], i), ("node_n", "node_met")[y])
+                      for i, y in enumerate(labels)])
+        for part, array in (("x", x), ("y", np.array(labels, np.uint8).reshape(-1, 1, 1, 1))):
+            with h5py.File(os.path.join(root, "pcam", f"camelyonpatch_level_2_split_{split}_{part}.h5"), "w") as f:
+                f.create_dataset(part, data=array)
+
+
+def ensure_demo_data(root=DEMO_DIR, per_class_train=400, per_class_eval=100, seed=0):
+    """Generate the demo dataset once; same bytes every time. Returns the path of its train.csv.
+
+    Written into a temporary folder and renamed into place, so a crash leaves no half dataset and
+    concurrent callers (e.g. tests) never read one. Under torchrun only rank 0 should call this
+    first; the other ranks wait at a barrier (see train.py).
+    """
+    csv_path = os.path.join(root, "train.csv")
+    if not os.path.exists(csv_path):
+        tmp = f"{root}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        started = time.time()
+        _write_demo(tmp, per_class_train, per_class_eval, seed)
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # somebody else finished first: theirs has the same bytes
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"demo dataset written to {root} in {time.time() - started:.1f}s", file=sys.stderr)
+    return csv_path
+
+
+if __name__ == "__main__":
+    print(ensure_demo_data())

@@ -1,0 +1,531 @@
+"""Train CLIP on image-caption pairs with torchrun, reproducibly.
+
+The demo (a synthetic H&E dataset generated on first use, the `tiny` model, a few minutes on 2 CPU cores):
+    torchrun --standalone --nproc_per_node=2 train.py
+    python train.py                                   # the same, as one process
+QUILT-1M on one node of 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train.py --model ViT-B-32 --train-data quilt_1M_lookup.csv \
+        --image-root /data/quilt_1m --batch-size 256 --epochs 40 --warmup 2000 --workers 8 --precision bf16
+Several nodes (run on each node, with its own --node_rank):
+    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER_HOST:29500 --rdzv_id=quilt train.py --model ViT-B-32 ...
+Resume an interrupted run bit-exactly: add `--resume auto --output-dir runs/THAT_RUN`.
+
+The contrastive loss over all ranks is written out below; its docstring has the gradient table that
+tells what --local-loss and --gather-with-grad really compute.
+"""
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import evaluate
+from model import CLIP, model_config
+
+
+# ----------------------------------------------------------------------------- the distributed loss
+
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sends every rank's gradient back to the rank that owns the slice.
+
+    Rank r's loss depends on every rank's features, so the gradient of the *total* loss with respect
+    to rank r's slice is the sum over ranks of their local gradients for that slice: all-reduce-sum,
+    then keep our own slice.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):                                   # (B, D) -> (world * B, D)
+        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):                                    # (world * B, D) -> (B, D)
+        grad = grad.contiguous().clone()  # autograd may hand us a strided or shared buffer
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+
+
+def gather_features(features, gather_with_grad):
+    if gather_with_grad:
+        return GatherWithGrad.apply(features)
+    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, features.contiguous())
+    # All-gather returns tensors without grad; put our own slice back so that its gradient flows
+    # (the other ranks' slices stay constants here: their gradients are computed on their ranks).
+    gathered[dist.get_rank()] = features
+    return torch.cat(gathered)
+
+
+def contrastive_loss(image_features, text_features, logit_scale, local_loss=False, gather_with_grad=True):
+    """CLIP's symmetric InfoNCE over the global batch of all ranks (OpenCLIP's ClipLoss semantics).
+
+    image_features, text_features: (B, D), L2-normalised, this rank's samples; logit_scale: exp(.) done.
+    local_loss: each rank scores only its own B rows against all N*B columns (memory B x N*B instead of
+    N*B x N*B). gather_with_grad: gradients flow through the gathered features of other ranks.
+
+    What the gradient is, compared with one process computing the loss on the concatenated batch, once
+    DDP has averaged gradients over the N ranks (proved in tests/test_loss.py, float64, N = 2 and 3):
+
+        local_loss  gather_with_grad | encoder gradients          | logit_scale gradient
+        False       True  (default)  | equal                      | equal
+        True        True             | equal                      | equal
+        False       False            | exactly 1/N of the truth   | equal
+        True        False            | biased: not proportional   | biased
+
+    RULE 4: the default is the global loss with gradient through the gather, the exact gradient.
+    Without gather_with_grad each rank drops the terms where other ranks' samples act as negatives for
+    its own; with a global loss that is a uniform 1/N (just a smaller learning rate), but with a local
+    loss it is a different, biased objective: a likely mechanism for the study's finding that the
+    global loss trains more stably.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    batch = image_features.shape[0]
+    if world == 1:
+        all_image, all_text, offset = image_features, text_features, 0
+    else:
+        all_image = gather_features(image_features, gather_with_grad)  # (N*B, D)
+        all_text = gather_features(text_features, gather_with_grad)
+        offset = dist.get_rank() * batch
+    if local_loss:
+        logits_per_image = logit_scale * image_features @ all_text.T   # (B, N*B)
+        logits_per_text = logit_scale * text_features @ all_image.T
+        labels = torch.arange(batch, device=image_features.device) + offset
+    else:
+        logits_per_image = logit_scale * all_image @ all_text.T        # (N*B, N*B)
+        logits_per_text = logits_per_image.T
+        labels = torch.arange(all_image.shape[0], device=image_features.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# ----------------------------------------------------------------------------- flags
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--train-data", default=None, help="CSV/TSV of image paths and captions (default: the demo dataset)")
+    a("--image-root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    a("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
+    a("--csv-caption-key", default="caption", help="caption column")
+    a("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
+    a("--model", default="tiny", help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
+    a("--tokenizer", default=None, help="local HF tokenizer folder (default: train a BPE on the captions)")
+    a("--batch-size", type=int, default=64, help="per process; global batch = this x world size x accum-steps")
+    a("--accum-steps", type=int, default=1, help="micro-batches per step, with the contrastive loss over all")
+    a("--epochs", type=int, default=12)
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--lr", type=float, default=5e-4, help="OpenCLIP's ViT default; RULE 6: stay at or above 5e-5")
+    a("--wd", type=float, default=0.2, help="AdamW weight decay, not applied to gains, biases, logit_scale")
+    a("--warmup", type=int, default=None, help="linear warm-up steps (default: 10%% of the run, at most 10000)")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.98)
+    a("--eps", type=float, default=1e-6)
+    a("--grad-clip-norm", type=float, default=None)
+    a("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, weights stay fp32")
+    a("--workers", type=int, default=2, help="data-loader processes per rank (results do not depend on it)")
+    a("--seed", type=int, default=0)
+    a("--rrc-scale", type=float, default=0.8, help="RandomResizedCrop lower scale; RULE 5: 0.7-0.8")
+    a("--local-loss", action=argparse.BooleanOptionalAction, default=False)
+    a("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True)
+    a("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+      help="deterministic kernels (RULE 7); --no-deterministic trades them for speed")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    a("--output-dir", default=None, help="run folder (default: runs/<model>-seed<seed>-<time>)")
+    a("--save-every", type=int, default=None, help="checkpoint every N steps (default: once per epoch)")
+    a("--log-every", type=int, default=10)
+    a("--resume", default=None, help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
+    args = p.parse_args(argv)
+    checks = [(args.batch_size >= 1, "--batch-size must be at least 1"),
+              (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+              (args.epochs >= 1, "--epochs must be at least 1"),
+              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+              (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
+              (args.lr > 0, "--lr must be positive"),
+              (args.workers >= 0, "--workers cannot be negative"),
+              (args.resume != "auto" or args.output_dir, "--resume auto needs the --output-dir of the run")]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}.")
+    if args.lr < 5e-5:
+        print(f"warning: --lr {args.lr} is below 5e-5, which the study found degrades every dataset (RULE 6).")
+    if args.local_loss and not args.gather_with_grad:
+        print("warning: --local-loss without --gather-with-grad optimises a biased objective (see contrastive_loss).")
+    return args
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_distributed():
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python train.py` is world size 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def seed_everything(seed, deterministic):
+    # RULE 1: seed python, numpy and torch (CPU and every GPU) with the run's seed, on every rank, so
+    # that the model is initialised identically everywhere.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # RULE 7: deterministic kernels. cuBLAS reads its workspace setting when CUDA starts, so it is set
+    # here, before any CUDA work; TF32 changes matmul results, so it is off.
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def cosine_lr(step, base_lr, warmup, total_steps):
+    """Linear warm-up, then cosine decay to 0 (OpenCLIP's schedule)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))) * base_lr
+
+
+def make_optimizer(model, args, device):
+    # No weight decay on gains, biases, the class token and logit_scale (parameters of < 2 dims), as OpenCLIP.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # The fused kernel (one launch for all tensors) is much faster on CUDA and on CPU alike.
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+
+
+def weights_sha256(state_dict):
+    """A fingerprint of the weights alone: names, dtypes, shapes and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- checkpoints and the manifest
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename it into place: a kill leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy"].numpy(), states["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(states["python"]), None))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir, checkpoint, keep=2):
+    """checkpoints/step_<N>.pt, then latest.pt pointing at it; older step files beyond `keep` go."""
+    folder = os.path.join(run_dir, "checkpoints")
+    path = os.path.join(folder, f"step_{checkpoint['step']}.pt")
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    def link_latest(tmp):  # a hard link costs no second copy; fall back to a copy where links fail
+        try:
+            os.link(path, tmp)
+        except OSError:
+            torch.save(checkpoint, tmp)
+    atomic_write(os.path.join(folder, "latest.pt"), link_latest)
+    for old in sorted(step_checkpoints(folder))[:-keep]:
+        os.remove(old[1])
+
+
+def step_checkpoints(folder):
+    """[(step, path)] of the step_<N>.pt files in `folder`."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [(int(n[5:-3]), os.path.join(folder, n)) for n in names
+            if n.startswith("step_") and n.endswith(".pt") and n[5:-3].isdigit()]
+
+
+def load_checkpoint(path):
+    # Checkpoints are plain dicts of tensors and numbers: weights_only=True never runs pickled code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_resume_checkpoint(run_dir):
+    """The newest step checkpoint that loads; a damaged one (e.g. a dying disk) is skipped with a note."""
+    for step, path in sorted(step_checkpoints(os.path.join(run_dir, "checkpoints")), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:
+            print(f"warning: skipping unreadable checkpoint {path}: {e}")
+    return None, None
+
+
+def git_state():
+    def git(*cmd):
+        out = subprocess.run(["git", *cmd], cwd=data.REPO_DIR, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def library_versions():
+    import PIL, tokenizers, torchvision, transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None}
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- training
+
+def scale_grad(tensor, factor):
+    """The same value, with its gradient multiplied by `factor`."""
+    return tensor.detach() + (tensor - tensor.detach()) * factor
+
+
+def train_step(model, micro_batches, args, autocast):
+    """Forward and backward of one global batch; returns the loss (detached).
+
+    With --accum-steps K the loss still spans all K micro-batches (all negatives), as OpenCLIP's
+    --accum-freq: first embed every micro-batch without gradient, then recompute each one with
+    gradient against the cached rest and backpropagate. The K backward passes add up to the exact
+    gradient of the one big batch; logit_scale takes part in all K, so its gradient is scaled by 1/K.
+    """
+    loss_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
+    if len(micro_batches) == 1:
+        images, tokens = micro_batches[0]
+        with autocast:
+            loss = contrastive_loss(*model(images, tokens), **loss_args)
+        loss.backward()
+        return loss.detach()
+    with torch.no_grad(), autocast:
+        cached = [model(images, tokens)[:2] for images, tokens in micro_batches]
+    for k, (images, tokens) in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        # DDP all-reduces gradients only after the last micro-batch.
+        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+        with sync, autocast:
+            image_features, text_features, logit_scale = model(images, tokens)
+            all_image = torch.cat([image_features if i == k else c[0] for i, c in enumerate(cached)])
+            all_text = torch.cat([text_features if i == k else c[1] for i, c in enumerate(cached)])
+            loss = contrastive_loss(all_image, all_text, scale_grad(logit_scale, 1 / len(micro_batches)), **loss_args)
+            loss.backward()
+    return loss.detach()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value):
+    """rank 0's value of a small Python object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    seed_everything(args.seed, args.deterministic)
+
+    # --- data: the demo dataset is generated once, by rank 0, while the others wait
+    if args.train_data is None:
+        if is_main:
+            data.ensure_demo_data()
+        barrier()
+        args.train_data = data.ensure_demo_data()
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.train_data))
+    rows = data.read_csv(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+
+    # --- the run folder; a run that has checkpoints is only continued with --resume
+    run_dir = args.output_dir or broadcast(os.path.join(
+        "runs", f"{os.path.basename(args.model).removesuffix('.json')}-seed{args.seed}-"
+        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
+    checkpoint_path, checkpoint = None, None
+    if args.resume == "auto":
+        checkpoint_path, checkpoint = find_resume_checkpoint(run_dir)
+    elif args.resume:
+        checkpoint_path, checkpoint = args.resume, load_checkpoint(args.resume)
+    elif step_checkpoints(os.path.join(run_dir, "checkpoints")):
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
+                         "or another --output-dir.")
+    if is_main:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+
+    # --- tokenizer and model
+    cfg = model_config(args.model)
+    tokenizer_dir = args.tokenizer or os.path.join(run_dir, "tokenizer")
+    if not args.tokenizer and is_main and not os.path.isdir(tokenizer_dir):
+        data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
+    barrier()
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    if not args.tokenizer:
+        cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
+    elif len(tokenizer) > cfg.vocab_size:
+        raise SystemExit(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; --model {args.model} "
+                         f"embeds only {cfg.vocab_size}.")
+    model = CLIP(cfg).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    optimizer = make_optimizer(model, args, device)
+
+    # --- the schedule: every number here is a function of the flags and the dataset size
+    global_batch = args.batch_size * world * args.accum_steps
+    steps_per_epoch = len(rows) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.train_data} has {len(rows)} rows, fewer than one global batch of "
+                         f"{global_batch} (--batch-size {args.batch_size} x {world} processes x "
+                         f"--accum-steps {args.accum_steps}). Lower --batch-size.")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    warmup = args.warmup if args.warmup is not None else min(10_000, total_steps // 10)
+    save_every = args.save_every or steps_per_epoch
+
+    start_step = 0
+    if checkpoint is not None:
+        # RULE 8: resume restores everything that decides the future: weights, optimizer moments,
+        # the step (which fixes the schedule and the sampler's position) and the random states.
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        set_rng_states(checkpoint["rng"])
+        if is_main:
+            print(f"resuming from {checkpoint_path} at step {start_step}")
+    ddp_model = DDP(model, gradient_as_bucket_view=True) if world > 1 else model
+
+    dataset = data.CsvDataset(rows, image_root, tokenizer, cfg.image_size, cfg.context_length,
+                              args.rrc_scale, args.seed)
+    sampler = data.GlobalBatchSampler(len(rows), args.batch_size, world, rank, args.accum_steps,
+                                      args.seed, total_steps, start_step)
+    loader = data.make_train_loader(dataset, sampler, args.workers, args.seed, device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    # --- RULE 9: the manifest records everything that could change a result
+    manifest_path, log_path = os.path.join(run_dir, "manifest.json"), os.path.join(run_dir, "log.jsonl")
+    if is_main:
+        manifest = json.load(open(manifest_path)) if checkpoint is not None and os.path.exists(manifest_path) else {}
+        manifest.update({
+            "args": vars(args), "command": " ".join(sys.argv), "model_config": vars(cfg),
+            "seed": args.seed, "world_size": world, "batch_size_per_process": args.batch_size,
+            "accum_steps": args.accum_steps, "global_batch_size": global_batch,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+            "train_data": {"path": os.path.abspath(args.train_data), "rows": len(rows),
+                           "sha256": data.file_sha256(args.train_data)},
+            "tokenizer": {"path": os.path.abspath(tokenizer_dir), "vocab_size": len(tokenizer),
+                          "sha256": data.tokenizer_fingerprint(tokenizer)},
+            "determinism": {"deterministic": args.deterministic,
+                            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                            "tf32": torch.backends.cuda.matmul.allow_tf32},
+            "versions": library_versions(), "git": git_state(),
+            "device": {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
+                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+            "started": manifest.get("started", datetime.datetime.now().isoformat()),
+        })
+        write_json(manifest_path, manifest)
+        if os.path.exists(log_path):  # lines a killed run wrote after its last checkpoint are redone
+            lines = [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
+            atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
+        print(f"run folder {run_dir}: {len(rows)} pairs, {world} process(es) x {args.batch_size} x "
+              f"{args.accum_steps} = global batch {global_batch}, {total_steps} steps")
+
+    # --- the loop
+    from tqdm import tqdm
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, mininterval=2)
+    batches = iter(loader)
+    tick, step = time.time(), start_step
+    for step in range(start_step, total_steps):
+        lr = cosine_lr(step, args.lr, warmup, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum_steps)]
+        loss = train_step(ddp_model, micro_batches, args, autocast)
+        if args.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        progress.update()
+
+        done = step + 1
+        if done % args.log_every == 0 or done == total_steps:
+            if world > 1:  # the only synchronisation in the loop, at log steps
+                dist.all_reduce(loss)  # a sum: gloo has no average
+                loss = loss / world
+            record = {"step": done, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": lr,
+                      "logit_scale": model.logit_scale.exp().item(),
+                      "samples_per_s": args.log_every * global_batch / (time.time() - tick)}
+            if not math.isfinite(record["loss"]):
+                raise SystemExit(f"error: the loss is {record['loss']} at step {done}; the last good checkpoint "
+                                 f"is kept in {run_dir}/checkpoints. Lower --lr or set --grad-clip-norm.")
+            tick = time.time()
+            if is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        if done % save_every == 0 or done == total_steps:
+            if is_main:
+                save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": done, "epoch": done // steps_per_epoch, "config": vars(cfg),
+                                          "args": vars(args), "rng": rng_states()})
+            barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
+    progress.close()
+
+    # --- the end: fingerprint the weights, close the manifest, and score the demo
+    if is_main:
+        sha = weights_sha256(model.state_dict())
+        print(f"final weights sha256 {sha}")
+        manifest = json.load(open(manifest_path))
+        manifest.update({"final_weights_sha256": sha, "finished": datetime.datetime.now().isoformat(),
+                         "wall_time_s": round(time.time() - started, 1)})
+        if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(data.DEMO_DIR, "train.csv")):
+            manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
+        write_json(manifest_path, manifest)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
