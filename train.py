@@ -127,6 +127,7 @@ def parse_args(argv=None):
     a("--csv-separator", default=None, help="default: tab for .tsv, comma otherwise")
     a("--model", default="tiny", help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
     a("--tokenizer", default=None, help="local HF tokenizer folder (default: train a BPE on the captions)")
+    a("--pretrained", default=None, help="start from these weights: ours, OpenAI, OpenCLIP or a HF CLIPModel folder")
     a("--batch-size", type=int, default=64, help="per process; global batch = this x world size x accum-steps")
     a("--accum-steps", type=int, default=1, help="micro-batches per step, with the contrastive loss over all")
     a("--epochs", type=int, default=12)
@@ -396,18 +397,20 @@ def main(argv=None):
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
 
     # --- tokenizer and model
-    cfg = model_config(args.model)
+    # Published weights bring their own sizes; --model names a preset or config otherwise.
+    model = CLIP.from_pretrained(args.pretrained).train() if args.pretrained else None
+    cfg = model.config if model else model_config(args.model)
     tokenizer_dir = args.tokenizer or os.path.join(run_dir, "tokenizer")
     if not args.tokenizer and is_main and not os.path.isdir(tokenizer_dir):
         data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
     barrier()
     tokenizer = data.load_tokenizer(tokenizer_dir)
-    if not args.tokenizer:
+    if not args.tokenizer and not model:
         cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
     elif len(tokenizer) > cfg.vocab_size:
         raise SystemExit(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; --model {args.model} "
                          f"embeds only {cfg.vocab_size}.")
-    model = CLIP(cfg).to(device)
+    model = (model or CLIP(cfg)).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = make_optimizer(model, args, device)
 

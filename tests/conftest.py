@@ -1,0 +1,35 @@
+"""Shared fixtures: the demo dataset and one short demo training run, made once per test session."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
+    """Run train.py as users do: `python train.py` for one process, `torchrun` for several."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*launcher, os.path.join(REPO, "train.py"), *map(str, flags)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo_csv():
+    import data
+    return data.ensure_demo_data()
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_csv, tmp_path_factory):
+    """A tiny model trained for 120 steps on the demo data: a real run folder with checkpoints."""
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    run_train("--max-steps", 120, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir)
+    return run_dir

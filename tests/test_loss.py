@@ -1,0 +1,109 @@
+"""The distributed contrastive loss against the single-process loss on the concatenated batch.
+
+Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gradient averaging.
+This is the gradient table in train.contrastive_loss's docstring, proved.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train
+
+BATCH, IN_DIM, EMBED = 4, 6, 5
+
+
+def make_problem(world):
+    """A tiny two-tower 'encoder' and the full batch of inputs, identical in every process."""
+    torch.manual_seed(0)
+    encoder = {"image": torch.randn(IN_DIM, EMBED, dtype=torch.float64),
+               "text": torch.randn(IN_DIM, EMBED, dtype=torch.float64),
+               "log_scale": torch.tensor(2.0, dtype=torch.float64)}
+    inputs = torch.randn(world * BATCH, IN_DIM, dtype=torch.float64), torch.randn(world * BATCH, IN_DIM, dtype=torch.float64)
+    return encoder, inputs
+
+
+def loss_and_grads(encoder, images, texts, **flags):
+    params = {k: v.clone().requires_grad_() for k, v in encoder.items()}
+    image_features = torch.nn.functional.normalize(images @ params["image"], dim=-1)
+    text_features = torch.nn.functional.normalize(texts @ params["text"], dim=-1)
+    loss = train.contrastive_loss(image_features, text_features, params["log_scale"].exp(), **flags)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in params.items()}
+
+
+def worker(rank, world, rendezvous, results):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    encoder, (images, texts) = make_problem(world)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for local_loss, gather_with_grad in itertools.product([False, True], repeat=2):
+        loss, grads = loss_and_grads(encoder, images[mine], texts[mine],
+                                     local_loss=local_loss, gather_with_grad=gather_with_grad)
+        for tensor in [loss, *grads.values()]:  # what DDP does: average over ranks
+            dist.all_reduce(tensor)
+            tensor /= world
+        out[(local_loss, gather_with_grad)] = (loss, grads)
+    if rank == 0:
+        torch.save(out, results)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def distributed(request, tmp_path_factory):
+    world, folder = request.param, tmp_path_factory.mktemp(f"world{request.param}")
+    mp.spawn(worker, args=(world, str(folder / "rendezvous"), str(folder / "results.pt")), nprocs=world)
+    encoder, (images, texts) = make_problem(world)
+    reference = loss_and_grads(encoder, images, texts)  # one process, the whole batch
+    return world, reference, torch.load(folder / "results.pt", weights_only=True)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_gather_with_grad_gives_the_single_process_gradient(distributed, local_loss):
+    world, (ref_loss, ref_grads), results = distributed
+    loss, grads = results[(local_loss, True)]
+    assert_close(loss, ref_loss)
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name])
+
+
+def test_global_loss_without_gather_with_grad_scales_encoder_gradients_by_one_over_world(distributed):
+    world, (ref_loss, ref_grads), results = distributed
+    loss, grads = results[(False, False)]
+    assert_close(loss, ref_loss)
+    assert_close(grads["image"], ref_grads["image"] / world)
+    assert_close(grads["text"], ref_grads["text"] / world)
+    assert_close(grads["log_scale"], ref_grads["log_scale"])  # every rank sees the whole loss
+
+
+def test_local_loss_without_gather_with_grad_is_biased(distributed):
+    world, (ref_loss, ref_grads), results = distributed
+    loss, grads = results[(True, False)]
+    assert_close(loss, ref_loss)  # the value is right...
+    for name in ("image", "text"):  # ...but the gradient is not a multiple of the true one
+        g, ref = grads[name].flatten(), ref_grads[name].flatten()
+        best_scale = (g @ ref) / (ref @ ref)
+        assert (g - best_scale * ref).norm() > 1e-3 * g.norm(), f"{name} gradient is proportional to the truth"
+
+
+def test_gather_with_grad_accepts_non_contiguous_gradients(tmp_path):
+    """A transposed use of the gathered tensor hands backward a non-contiguous gradient."""
+    mp.spawn(_non_contiguous_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
+
+
+def _non_contiguous_worker(rank, world, rendezvous):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    x = torch.full((3, 4), float(rank + 1), requires_grad=True)
+    gathered = train.GatherWithGrad.apply(x)          # (6, 4)
+    weights = torch.arange(24.0).view(4, 6)
+    (gathered.T * weights).sum().backward()           # gradient of gathered is weights.T: strided
+    # d/dx of the sum over both ranks' identical losses = 2 * our slice of weights.T
+    torch.testing.assert_close(x.grad, 2 * weights.T[rank * 3:(rank + 1) * 3])
+    dist.destroy_process_group()
