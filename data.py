@@ -272,45 +272,50 @@ def render_tile(rng, label):
         eosin[:] = eosin * np.exp(-_ellipses(rng, centres, radii, np.ones(len(radii)), np.full(len(radii), 4.0)))
 
     organ = label.split("_")[0]
-    if organ == "colon" or label == "lung_aca":
-        glands = rng.integers(2, 5)
-        for _ in range(glands):
-            centre, radius = rng.uniform(15, 81, 2), zoom * rng.uniform(9, 14)
-            holes(centre[None], np.array([radius * (0.55 - 0.25 * atypia)]))
+    # Lung tumours mix patterns, as real ones do: a solid area in an adenocarcinoma, a gland-like nest
+    # in a squamous carcinoma. Then only keratin and cytoplasm tell them apart.
+    pattern = {"colon": "glands", "node": "node", "lung": {
+        "lung_n": "alveoli", "lung_aca": "glands" if rng.random() < 0.85 else "sheet",
+        "lung_scc": "sheet" if rng.random() < 0.85 else "glands"}.get(label)}[organ]
+    if organ == "lung":  # alveolar spaces in every lung tile; tumour fills most of them in
+        count = 9 if pattern == "alveoli" else 3
+        holes(rng.uniform(0, TILE, (count, 2)), zoom * rng.uniform(9, 14, count))
+    if pattern == "glands":
+        for _ in range(rng.integers(2, 5) if organ == "colon" else rng.integers(1, 3)):
+            centre, radius = rng.uniform(15, 81, 2), zoom * rng.uniform(10, 15)
+            holes(centre[None], np.array([radius * (0.6 - 0.35 * atypia)]))
+            if rng.random() < atypia - 0.3:  # cribriform: extra small lumens bridging the gland
+                holes(centre + rng.normal(0, radius / 3, (3, 2)), np.full(3, radius * 0.18))
             # Benign glands: one regular ring. Atypia: crowded, jittered, stratified (two rings).
-            count = int(radius * (1.2 + 1.2 * atypia))
-            nuclei.append((_ring(rng, centre, radius * 0.75, count, 3 * atypia * zoom), 1.6))
+            count = int(radius * (0.8 + 0.8 * atypia))
+            nuclei.append((_ring(rng, centre, radius * 0.75, count, 4 * atypia * zoom), 2.3))
             if rng.random() < atypia:
-                nuclei.append((_ring(rng, centre, radius * 1.05, count, 3 * atypia * zoom), 1.6))
-        if label == "lung_aca":
-            holes(rng.uniform(0, TILE, (3, 2)), zoom * rng.uniform(6, 10, 3))
-    elif label in ("lung_n", "lung_scc"):
-        squamous = label == "lung_scc"
-        if squamous:  # sheets of cells on a jittered grid, with a few concentric keratin pearls
-            step = zoom * (8.5 - 2 * atypia)
-            axis = np.arange(step / 2, TILE, step)
-            yx = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
-            nuclei.append((yx + rng.normal(0, 1.5, yx.shape), 1.7))
-            eosin += 0.25
-            for centre in rng.uniform(15, 81, (rng.integers(0, 3), 2)):
-                eosin += 0.5 * _ellipses(rng, centre[None], np.array([6.0 * zoom]), np.ones(1), np.ones(1))
-        else:  # alveoli: large empty spaces with thin septa holding sparse small nuclei
-            holes(rng.uniform(0, TILE, (9, 2)), zoom * rng.uniform(9, 14, 9))
-            nuclei.append((rng.uniform(0, TILE, (int(25 + 40 * atypia), 2)), 1.4))
+                nuclei.append((_ring(rng, centre, radius * 1.05, count, 4 * atypia * zoom), 2.3))
+    elif pattern == "sheet":  # cells on a jittered grid; squamous ones have pink cytoplasm and keratin pearls
+        step = zoom * (10 - 2 * atypia)
+        axis = np.arange(step / 2, TILE, step)
+        yx = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+        nuclei.append((yx + rng.normal(0, 1.5, yx.shape), 2.3))
+        eosin += 0.25 if label == "lung_scc" else 0.1
+        pearls = rng.integers(0, 3) if label == "lung_scc" else 0
+        for centre in rng.uniform(15, 81, (pearls, 2)):
+            eosin += 0.5 * _ellipses(rng, centre[None], np.array([7.0 * zoom]), np.ones(1), np.ones(1))
+    elif pattern == "alveoli":  # thin septa holding sparse small nuclei
+        nuclei.append((rng.uniform(0, TILE, (int(20 + 30 * atypia), 2)), 1.9))
     else:  # lymph node: a carpet of small dark lymphocytes; metastases add a cluster of large pale cells
-        nuclei.append((rng.uniform(0, TILE, (int(zoom * 260), 2)), 1.25))
-        large = int(40 * atypia ** 2)
+        nuclei.append((rng.uniform(0, TILE, (int(zoom * 150), 2)), 1.8))
+        large = int(30 * atypia ** 2)
         if large:
             centre = rng.uniform(25, 71, 2)
-            nuclei.append((centre + rng.normal(0, 12 * zoom, (large, 2)), 2.6))
-    stroma = rng.uniform(0, TILE, (int(15 + 10 * atypia), 2))  # scattered stromal cells everywhere
-    nuclei.append((stroma, 1.2))
+            nuclei.append((centre + rng.normal(0, 12 * zoom, (large, 2)), 3.4))
+    stroma = rng.uniform(0, TILE, (int(12 + 8 * atypia), 2))  # scattered stromal cells everywhere
+    nuclei.append((stroma, 1.8))
 
     for centres, base in nuclei:
         n = len(centres)
         # Atypia enlarges nuclei, varies their size (pleomorphism) and darkens them (hyperchromasia).
         radius = zoom * base * (1 + 0.5 * atypia) * np.exp(rng.normal(0, 0.08 + 0.25 * atypia, n))
-        pale = 0.6 if base > 2.5 else 1.0  # tumour nuclei in nodes have open, paler chromatin
+        pale = 0.6 if base > 3 else 1.0  # tumour nuclei in nodes have open, paler chromatin
         strength = pale * rng.uniform(0.9, 1.3, n) * (0.9 + 0.4 * atypia)
         hema += _ellipses(rng, centres, radius, rng.uniform(1.0, 1.2 + 0.6 * atypia, n), strength)
     # Beer-Lambert: optical density = concentration x stain vector; stain colours vary slide to slide.
