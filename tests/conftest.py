@@ -33,3 +33,23 @@ def demo_run(demo_csv, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo_run")
     run_train("--max-steps", 120, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def small_csv(demo_csv, tmp_path_factory):
+    """48 demo pairs (3 steps per epoch at global batch 16), images left where they are."""
+    import csv
+    with open(demo_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    path = tmp_path_factory.mktemp("small") / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + rows[1::len(rows) // 48][:48])
+    return path
+
+
+def small_run(small_csv, demo_csv, out, *flags, nproc=1, **kw):
+    """A few steps of the tiny model on `small_csv`; returns the final checkpoint."""
+    import torch
+    run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--output-dir", out,
+              "--workers", 0, *flags, nproc=nproc, **kw)
+    return torch.load(os.path.join(out, "checkpoints", "latest.pt"), weights_only=True)

@@ -1,0 +1,225 @@
+"""evaluate.py: the released dataset layouts, the metrics, zero-shot and the probe on a demo run, and the
+multi-seed table. Real files in tmp_path: JPEG folder trees, HDF5 files, run folders with manifests."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+
+LC25000_FOLDERS = {"lung_image_sets": ["lung_aca", "lung_n", "lung_scc"], "colon_image_sets": ["colon_aca", "colon_n"]}
+
+
+def write_lc25000(root, per_class=4):
+    """A miniature lung_colon_image_set/: each class's JPEGs are one flat colour, so a label can be checked
+    from the pixels. Returns {class folder: colour}."""
+    colours = {}
+    for subfolder, classes in LC25000_FOLDERS.items():
+        for name in classes:
+            colour = (40 * len(colours) + 30, 200 - 30 * len(colours), 90)
+            colours[name] = colour
+            os.makedirs(root / subfolder / name)
+            for i in range(per_class):
+                Image.new("RGB", (48, 48), colour).save(root / subfolder / name / f"{name}{i + 1}.jpeg", quality=95)
+    return colours
+
+
+def write_pcam(root, split, labels):
+    """camelyonpatch_level_2_split_<split>_{x,y}.h5 as released: x (N, 96, 96, 3) uint8, y (N, 1, 1, 1).
+    Patch i is filled with the value i, so that a patch can be matched to its index."""
+    os.makedirs(root, exist_ok=True)
+    x = np.broadcast_to(np.arange(len(labels), dtype=np.uint8)[:, None, None, None], (len(labels), 96, 96, 3))
+    with h5py.File(root / f"camelyonpatch_level_2_split_{split}_x.h5", "w") as f:
+        f.create_dataset("x", data=np.ascontiguousarray(x), chunks=(1, 96, 96, 3))
+    with h5py.File(root / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as f:
+        f.create_dataset("y", data=np.array(labels, np.uint8).reshape(-1, 1, 1, 1))
+
+
+def test_lc25000_top_folder_and_subfolder_give_the_same_labelled_images(tmp_path):
+    colours = write_lc25000(tmp_path / "lung_colon_image_set")
+    for task, subfolder in evaluate.LC25000_SUBFOLDER.items():
+        from_top = evaluate.load_dataset(task, str(tmp_path / "lung_colon_image_set"))
+        from_sub = evaluate.load_dataset(task, str(tmp_path / "lung_colon_image_set" / subfolder))
+        assert from_top.samples == from_sub.samples and from_top.fingerprint == from_sub.fingerprint
+        assert len(from_top) == 4 * len(evaluate.TASKS[task])
+        folders = list(evaluate.TASKS[task])
+        for i in range(len(from_top)):
+            image, label = from_top[i]
+            folder = os.path.basename(os.path.dirname(from_top.samples[i][0]))
+            assert folders[label] == folder  # the label is the folder's position in TASKS, and the pixels agree:
+            assert np.abs(np.asarray(image, float)[24, 24] - colours[folder]).max() < 8
+    # The explicit folder -> class name table the prompts are built from.
+    assert evaluate.TASKS["lc25000_lung"] == {"lung_aca": "lung adenocarcinoma", "lung_n": "benign lung",
+                                              "lung_scc": "lung squamous cell carcinoma"}
+    assert evaluate.TASKS["lc25000_colon"] == {"colon_aca": "colon adenocarcinoma", "colon_n": "benign colonic tissue"}
+    assert evaluate.TASKS["pcam"] == {"0": "lymph node", "1": "lymph node containing metastatic tumor tissue"}
+
+
+def test_image_folder_labels_follow_the_classnames_mapping_not_sort_order(tmp_path):
+    for name, colour in (("tumor", (200, 40, 40)), ("normal", (40, 40, 200))):
+        os.makedirs(tmp_path / name)
+        for i in range(3):
+            Image.new("RGB", (32, 32), colour).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "names.json").write_text(json.dumps({"tumor": "tumor tissue", "normal": "normal tissue"}))
+    args = evaluate.parse_args(["--checkpoint", "x.pt", "--dataset", f"mine={tmp_path}",
+                                "--classnames", f"mine={tmp_path / 'names.json'}"])
+    tasks, datasets = evaluate.task_definitions(args)
+    dataset = evaluate.load_dataset("mine", datasets["mine"], tasks["mine"])
+    for path, label in dataset.samples:  # "normal" sorts first, but the mapping puts "tumor" first
+        assert list(tasks["mine"].values())[label] == {"tumor": "tumor tissue", "normal": "normal tissue"}[
+            os.path.basename(os.path.dirname(path))]
+    assert dataset.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_pcam_hdf5_is_read_patch_by_patch_with_the_right_labels(tmp_path):
+    labels = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1]
+    write_pcam(tmp_path, "test", labels)
+    dataset = evaluate.PcamDataset(str(tmp_path), "test")
+    assert dataset.labels.tolist() == labels and len(dataset) == 10
+    for i in (0, 3, 9):
+        image, label = dataset[i]
+        assert label == labels[i] and image.size == (96, 96) and np.asarray(image)[50, 50, 0] == i
+
+
+def test_splits_are_seeded_stratified_and_recorded(tmp_path):
+    write_pcam(tmp_path / "pcam", "train", [0, 1] * 20)
+    write_pcam(tmp_path / "pcam", "test", [0, 1] * 5)
+    parts, record = evaluate.benchmark_splits("pcam", str(tmp_path / "pcam"), evaluate.TASKS["pcam"], seed=3)
+    assert record["refit"] and record["seed"] == 3  # no valid split: carved from train, 20% of each class
+    assert record["per_class"] == {"train": [16, 16], "valid": [4, 4], "test": [5, 5]}
+    assert not set(parts["train"][1].tolist()) & set(parts["valid"][1].tolist())
+    again, _ = evaluate.benchmark_splits("pcam", str(tmp_path / "pcam"), evaluate.TASKS["pcam"], seed=3)
+    other, _ = evaluate.benchmark_splits("pcam", str(tmp_path / "pcam"), evaluate.TASKS["pcam"], seed=4)
+    assert torch.equal(parts["valid"][1], again["valid"][1]) and not torch.equal(parts["valid"][1], other["valid"][1])
+    write_pcam(tmp_path / "pcam", "valid", [0, 1] * 3)  # the official valid split is used once it exists
+    parts, record = evaluate.benchmark_splits("pcam", str(tmp_path / "pcam"), evaluate.TASKS["pcam"])
+    assert not record["refit"] and record["per_class"]["valid"] == [3, 3] and record["per_class"]["train"] == [20, 20]
+
+    write_lc25000(tmp_path / "lc", per_class=10)  # LC25000 has no split: half of each class is the test set
+    parts, record = evaluate.benchmark_splits("lc25000_lung", str(tmp_path / "lc"), evaluate.TASKS["lc25000_lung"])
+    assert record["per_class"] == {"train": [4, 4, 4], "valid": [1, 1, 1], "test": [5, 5, 5]}
+    indices = [set(idx.tolist()) for _, idx in parts.values()]
+    assert sum(map(len, indices)) == len(set().union(*indices)) == 30
+
+
+def test_metrics_match_hand_computed_values():
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 1], [0, 0, 4]])  # rows: truth, columns: prediction
+    labels = torch.cat([torch.full((int(confusion[t].sum()),), t) for t in range(3)])
+    predictions = torch.cat([torch.full((int(confusion[t, p]),), p) for t in range(3) for p in range(3)])
+    metrics = evaluate.classification_metrics(labels, predictions, 3)
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    assert metrics["accuracy"] == pytest.approx(12 / 16)
+    assert metrics["per_class_recall"] == pytest.approx([5 / 6, 3 / 6, 4 / 4])
+    assert metrics["balanced_accuracy"] == pytest.approx((5 / 6 + 3 / 6 + 1) / 3)
+    f1 = [2 * 5 / (6 + 7), 2 * 3 / (6 + 4), 2 * 4 / (4 + 5)]  # F1 = 2 TP / (support + predicted)
+    assert metrics["weighted_f1"] == pytest.approx((6 * f1[0] + 6 * f1[1] + 4 * f1[2]) / 16)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "lc25000 class missing", "pcam file missing", "pcam not hdf5",
+                                  "unknown task"])
+def test_a_broken_or_missing_dataset_path_gives_a_one_line_error(tmp_path, case):
+    write_lc25000(tmp_path / "lc", per_class=1)
+    os.makedirs(tmp_path / "pcam")
+    if case == "lc25000 class missing":
+        os.rename(tmp_path / "lc" / "colon_image_sets" / "colon_n", tmp_path / "lc" / "colon_image_sets" / "normal")
+    if case == "pcam not hdf5":
+        for part in "xy":
+            (tmp_path / "pcam" / f"camelyonpatch_level_2_split_test_{part}.h5").write_text("not hdf5")
+    flag, path = {"missing folder": ("lc25000_colon", tmp_path / "nowhere"),
+                  "lc25000 class missing": ("lc25000_colon", tmp_path / "lc"),
+                  "pcam file missing": ("pcam", tmp_path / "pcam"), "pcam not hdf5": ("pcam", tmp_path / "pcam"),
+                  "unknown task": ("lc25000", tmp_path / "lc")}[case]
+    with pytest.raises(SystemExit) as error:  # the datasets are checked before the (missing) checkpoint
+        evaluate.main(["--checkpoint", str(tmp_path / "none.pt"), "--dataset", f"{flag}={path}"])
+    message = str(error.value.code)
+    assert "\n" not in message and str(path) in message, message
+
+
+@pytest.fixture(scope="module")
+def demo_results(demo_run, tmp_path_factory):
+    """evaluate.py on the demo run's final checkpoint and the demo's held-out sets."""
+    output = tmp_path_factory.mktemp("eval") / "latest.eval.json"
+    evaluate.main(["--checkpoint", str(demo_run / "checkpoints" / "latest.pt"), "--output", str(output),
+                   "--workers", "0", "--device", "cpu"])
+    return json.loads(output.read_text())
+
+
+def test_zero_shot_on_the_demo_checkpoint_beats_chance(demo_results):
+    for task, scores in demo_results["datasets"].items():
+        chance = 1 / len(evaluate.TASKS[task])
+        assert scores["zero_shot"]["balanced_accuracy"] > chance + 0.1, (task, scores["zero_shot"])
+
+
+def test_linear_probe_beats_zero_shot_on_the_demo(demo_results):
+    for task, scores in demo_results["datasets"].items():
+        assert scores["linear_probe"]["balanced_accuracy"] > scores["zero_shot"]["balanced_accuracy"], task
+        assert scores["linear_probe"]["weight_decay"] in evaluate.WEIGHT_DECAYS
+    assert len(demo_results["checkpoint_sha256"]) == 64
+
+
+def test_probe_rerun_reads_cached_features_and_is_identical(demo_run, demo_results, tmp_path, monkeypatch):
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("images were encoded again")
+    monkeypatch.setattr(evaluate, "encode_images", no_encoding)
+    output = tmp_path / "again.json"
+    evaluate.main(["--checkpoint", str(demo_run / "checkpoints" / "latest.pt"), "--output", str(output),
+                   "--workers", "0", "--device", "cpu"])
+    assert json.loads(output.read_text())["datasets"] == demo_results["datasets"]
+
+
+def test_multi_seed_table_groups_runs_by_manifest_and_uses_sample_std(tmp_path, monkeypatch, capsys):
+    write_lc25000(tmp_path / "lc", per_class=2)
+    datasets = ["--dataset", f"lc25000_colon={tmp_path / 'lc'}", "--dataset", f"lc25000_lung={tmp_path / 'lc'}"]
+    # (args that differ, seed, zero-shot balanced accuracy on colon, on lung)
+    runs = [({"rrc_scale": 0.6}, 0, 0.80, 0.6), ({"rrc_scale": 0.6}, 1, 0.82, 0.7), ({"rrc_scale": 0.6}, 2, 0.84, 0.8),
+            ({"rrc_scale": 0.8, "workers": 8}, 0, 0.9, 0.5), ({"rrc_scale": 0.8, "workers": 0}, 1, 0.9, 0.5),
+            ({"rrc_scale": 0.8, "lr": 1e-4}, 0, 0.7, 0.7)]
+    folders, scores = [], {}
+    for i, (changes, seed, colon, lung) in enumerate(runs):
+        run = tmp_path / f"run{i}"
+        os.makedirs(run / "checkpoints")
+        (run / "checkpoints" / "latest.pt").write_bytes(f"weights {i}".encode())  # never loaded: evaluation is faked
+        args = {"model": "tiny", "lr": 5e-4, "rrc_scale": 0.8, "workers": 2, **changes, "seed": seed,
+                "output_dir": str(run), "resume": None}
+        (run / "manifest.json").write_text(json.dumps({"args": args, "seed": seed}))
+        folders.append(str(run))
+        scores[os.path.abspath(run / "checkpoints" / "latest.pt")] = {"lc25000_colon": colon, "lc25000_lung": lung}
+
+    def fake_evaluate_checkpoint(checkpoint, datasets, tasks, protocol, args):
+        result = {"checkpoint_sha256": evaluate.data.file_sha256(checkpoint), "protocol": protocol, "datasets": {}}
+        for task, root in datasets.items():
+            parts, _ = evaluate.benchmark_splits(task, root, tasks[task], args.split, args.split_seed)
+            value = scores[os.path.abspath(checkpoint)][task]
+            metrics = {m: value for m in evaluate.METRICS}
+            result["datasets"][task] = {"fingerprints": {n: ds.fingerprint for n, (ds, _) in parts.items()},
+                                        "zero_shot": metrics, "linear_probe": {m: value + 0.05 for m in metrics}}
+        return result
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
+    output = tmp_path / "study" / "results.json"
+    evaluate.main(["--runs", *folders, *datasets, "--output", str(output)])
+    study = json.loads(output.read_text())
+    table = capsys.readouterr().out
+
+    groups = {c["label"]: c for c in study["configurations"]}  # workers, output_dir and seed do not split runs
+    assert {label: len(c["runs"]) for label, c in groups.items()} == {
+        "lr=0.0005, rrc_scale=0.6": 3, "lr=0.0005, rrc_scale=0.8": 2, "lr=0.0001, rrc_scale=0.8": 1}
+    colon = groups["lr=0.0005, rrc_scale=0.6"]["summary"]["lc25000_colon"]["zero_shot"]["balanced_accuracy"]
+    assert colon["mean"] == pytest.approx(0.82) and colon["std"] == pytest.approx(0.02)  # ddof=1: sqrt(0.0008/2)
+    assert (colon["min"], colon["max"], colon["n"]) == (0.80, 0.84, 3)
+    lung = groups["lr=0.0005, rrc_scale=0.6"]["summary"]["lc25000_lung"]["linear_probe"]["accuracy"]
+    assert lung["mean"] == pytest.approx(0.75) and lung["std"] == pytest.approx(0.1)
+    assert groups["lr=0.0001, rrc_scale=0.8"]["summary"]["lc25000_colon"]["zero_shot"]["accuracy"]["std"] is None
+    assert groups["lr=0.0005, rrc_scale=0.6"]["most_reproducible"]["dataset"] == "lc25000_colon"
+    assert "0.820 ± 0.020 (0.800–0.840)" in table and "most reproducible" in table
+    assert {len(r["checkpoint_sha256"]) for r in study["runs"].values()} == {64}
+    assert set(study["datasets"]) == {"lc25000_colon", "lc25000_lung"} and study["datasets"]["lc25000_colon"]["fingerprints"]
+    assert (tmp_path / "study" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second study reuses every run's stored results: nothing is evaluated again.
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", None)
+    evaluate.main(["--runs", *folders, *datasets, "--output", str(output), "--no-figure"])
+    assert json.loads(output.read_text())["configurations"] == study["configurations"]

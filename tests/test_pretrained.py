@@ -1,0 +1,298 @@
+"""Published weights: a Hugging Face CLIPModel folder, OpenAI / OpenCLIP state dicts and OpenAI's
+TorchScript archives load into our CLIP with the same outputs, export back to Hugging Face exactly,
+fine-tune under torchrun, and a checkpoint that does not fit fails with one clear line.
+
+Everything is built here, tiny and random: nothing is downloaded.
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_pretrained.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+from tokenizers import pre_tokenizers
+
+import data
+from conftest import REPO, run_train
+import model
+from model import CLIP, OPENAI_JIT_SHA256
+
+CONTEXT_LENGTH = 24
+CAPTIONS = ["the thin man", "An H&E stained section of colon adenocarcinoma.", "tumour"]
+MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("o", "n</w>"), ("c", "o")]
+VOCAB_SIZE = 2 * 256 + len(MERGES) + 2  # bytes, bytes ending a word, merges, start- and end-of-text
+
+
+def write_clip_tokenizer(folder):
+    """vocab.json + merges.txt laid out as OpenAI's CLIP vocabulary is: the byte alphabet, the same with the
+    end-of-word mark "</w>", the merges, then start- and end-of-text, which is therefore the last id."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in MERGES] + [data.SOT, data.EOT]
+    os.makedirs(folder)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return write_clip_tokenizer(str(tmp_path_factory.mktemp("clip_tokenizer") / "tokenizer"))
+
+
+def save_tiny_hf_clip(folder, vocab_size, width, heads, hidden_act):
+    """A random transformers.CLIPModel, every parameter perturbed (LayerNorms and biases included)."""
+    config = transformers.CLIPConfig(
+        projection_dim=24,
+        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+                           num_attention_heads=heads, image_size=32, patch_size=8, hidden_act=hidden_act),
+        text_config=dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=CONTEXT_LENGTH,
+                         hidden_act=hidden_act, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                         pad_token_id=vocab_size - 1))
+    torch.manual_seed(0)
+    hf_model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for parameter in hf_model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    hf_model.save_pretrained(folder)
+    return hf_model
+
+
+# QuickGELU with OpenAI's 64-wide heads (what OpenAI-named files imply), and GELU with 16-wide heads,
+# which only the config next to the weights can tell.
+TOWERS = {"quick_gelu-64wide_heads": (128, 2, "quick_gelu"), "gelu-16wide_heads": (64, 4, "gelu")}
+
+
+@pytest.fixture(scope="module", params=list(TOWERS))
+def hf_clip(request, tmp_path_factory):
+    """(folder, the transformers model saved there) for each tower shape above."""
+    folder = str(tmp_path_factory.mktemp(f"hf_{request.param}"))
+    return folder, save_tiny_hf_clip(folder, VOCAB_SIZE, *TOWERS[request.param])
+
+
+@pytest.fixture(scope="module")
+def hf_openai_sized(tmp_path_factory):
+    """The same for sizes that OpenAI-named files imply without a config: QuickGELU, 64-wide heads."""
+    folder = str(tmp_path_factory.mktemp("hf_openai_sized"))
+    return folder, save_tiny_hf_clip(folder, VOCAB_SIZE, *TOWERS["quick_gelu-64wide_heads"])
+
+
+@pytest.fixture(scope="module")
+def inputs(tokenizer_dir):
+    """Images, our tokens (padded with 0) and CLIP's Hugging Face tokens (padded with end-of-text)."""
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    hf_tokens = tokenizer(CAPTIONS, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
+                          return_tensors="pt")["input_ids"]
+    return torch.randn(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(0)), \
+        data.tokenize(tokenizer, CAPTIONS, CONTEXT_LENGTH), hf_tokens
+
+
+def assert_same_outputs(ours, hf_model, inputs):
+    images, our_tokens, hf_tokens = inputs
+    with torch.no_grad():
+        hf_out = hf_model(input_ids=hf_tokens, pixel_values=images)
+        hf_image = hf_model.get_image_features(pixel_values=images).pooler_output
+        hf_text = hf_model.get_text_features(input_ids=hf_tokens).pooler_output
+        image_features, text_features, logit_scale = ours(images, our_tokens)
+        close = dict(atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_image(images), hf_image, **close)
+        torch.testing.assert_close(ours.encode_text(our_tokens), hf_text, **close)
+        torch.testing.assert_close(logit_scale * image_features @ text_features.T, hf_out.logits_per_image, **close)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def save_as_run_checkpoint(ours, tokenizer_dir, run_dir):
+    """Our model in a run folder's layout, as train.py leaves it: RUN/checkpoints/*.pt and RUN/tokenizer."""
+    from dataclasses import asdict
+    import shutil
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    shutil.copytree(tokenizer_dir, os.path.join(run_dir, "tokenizer"))
+    path = os.path.join(run_dir, "checkpoints", "step_0.pt")
+    torch.save({"model": ours.state_dict(), "config": asdict(ours.config), "step": 0}, path)
+    return path
+
+
+def one_line_exit(call, *needles):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    message = str(exit_info.value.code)
+    assert "\n" not in message and all(needle in message for needle in needles), message
+    return message
+
+
+# ----------------------------------------------------------------------------- equal outputs
+
+def test_hf_clipmodel_folder_gives_hf_embeddings_and_logits(hf_clip, inputs):
+    folder, hf_model = hf_clip
+    ours = CLIP.from_pretrained(folder)
+    vision, text = hf_model.config.vision_config, hf_model.config.text_config
+    assert ours.config.quick_gelu == (text.hidden_act == "quick_gelu")
+    assert ours.config.vision_width // ours.config.vision_head_width == vision.num_attention_heads
+    assert ours.config.text_heads == text.num_attention_heads
+    assert ours.config.context_length == CONTEXT_LENGTH and ours.config.image_size == 32
+    # Ours pads with 0 and HF with end-of-text: both pool at the first end-of-text, so they agree.
+    assert_same_outputs(ours, hf_model, inputs)
+
+
+def test_hf_folder_with_pytorch_model_bin_loads_the_same(hf_clip, tmp_path):
+    folder, hf_model = hf_clip
+    os.symlink(os.path.join(folder, "config.json"), tmp_path / "config.json")
+    # Older transformers versions saved the position_ids buffers too; they are not weights.
+    old_style = {**hf_model.state_dict(), "text_model.embeddings.position_ids": torch.arange(CONTEXT_LENGTH)[None]}
+    torch.save(old_style, tmp_path / "pytorch_model.bin")
+    assert_same_weights(CLIP.from_pretrained(str(tmp_path)).state_dict(), CLIP.from_pretrained(folder).state_dict())
+
+
+def test_export_hf_round_trip_is_exact(hf_clip, inputs, tokenizer_dir, tmp_path):
+    folder, hf_model = hf_clip
+    ours = CLIP.from_pretrained(folder)
+    checkpoint = save_as_run_checkpoint(ours, tokenizer_dir, str(tmp_path / "run"))
+    out_dir = str(tmp_path / "hf_export")
+    subprocess.run([sys.executable, "model.py", "--export-hf", checkpoint, out_dir], cwd=REPO, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    exported = transformers.CLIPModel.from_pretrained(out_dir).eval()
+    assert_same_weights(exported.state_dict(), hf_model.state_dict())  # HF -> ours -> HF changes no bit
+    assert_same_outputs(ours, exported, inputs)
+    # The run's tokenizer travels with the export, so the folder is complete for transformers users.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    assert tokenizer.eos_token_id == exported.config.text_config.eos_token_id == len(tokenizer) - 1
+
+
+OPENAI_STYLE = {  # how OpenAI and OpenCLIP files hold the same weights
+    "openai_state_dict": lambda sd: {**sd, "input_resolution": torch.tensor(32), "context_length":
+                                     torch.tensor(CONTEXT_LENGTH), "vocab_size": torch.tensor(VOCAB_SIZE)},
+    "open_clip_pytorch_model_bin": lambda sd: sd,
+    "open_clip_training_checkpoint": lambda sd: {"epoch": 3, "name": "run", "state_dict":
+                                                 {f"module.{k}": v for k, v in sd.items()}},
+    "compiled_ddp_with_1d_logit_scale": lambda sd: {f"module._orig_mod.{k}": v.reshape(1) if k == "logit_scale"
+                                                    else v for k, v in sd.items()},
+}
+
+
+@pytest.mark.parametrize("style", list(OPENAI_STYLE))
+def test_openai_named_state_dicts_round_trip(style, hf_openai_sized, inputs, tmp_path):
+    folder, hf_model = hf_openai_sized
+    via_hf = CLIP.from_pretrained(folder)
+    torch.save(OPENAI_STYLE[style](via_hf.state_dict()), tmp_path / "weights.pt")
+    ours = CLIP.from_pretrained(str(tmp_path / "weights.pt"))
+    assert ours.config == via_hf.config  # sizes from shapes, QuickGELU and 64-wide heads as for OpenAI's
+    assert_same_weights(ours.state_dict(), via_hf.state_dict())
+    assert_same_outputs(ours, hf_model, inputs)
+    # ... and on to Hugging Face again.
+    out_dir = str(tmp_path / "hf_again")
+    model.export_hf(str(tmp_path / "weights.pt"), out_dir)
+    assert_same_weights(transformers.CLIPModel.from_pretrained(out_dir).state_dict(), hf_model.state_dict())
+
+
+def test_open_clip_config_next_to_the_weights_decides_the_activation(hf_clip, tmp_path):
+    ours = CLIP.from_pretrained(hf_clip[0])
+    torch.save(ours.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    assert CLIP.from_pretrained(str(tmp_path / "open_clip_pytorch_model.bin")).config.quick_gelu  # OpenAI's
+    with open(tmp_path / "open_clip_config.json", "w") as f:  # as OpenCLIP pushes it to the Hub
+        json.dump({"model_cfg": {"quick_gelu": False, "vision_cfg": {"head_width": ours.config.vision_head_width},
+                                 "text_cfg": {"heads": ours.config.text_heads}}}, f)
+    loaded = CLIP.from_pretrained(str(tmp_path / "open_clip_pytorch_model.bin"))
+    assert not loaded.config.quick_gelu and loaded.config == CLIP.from_pretrained(hf_clip[0], quick_gelu=False).config
+
+
+def test_openai_torchscript_archive_loads_only_when_published(hf_openai_sized, tmp_path, monkeypatch):
+    ours = CLIP.from_pretrained(hf_openai_sized[0])
+    for name, value in (("input_resolution", 32), ("context_length", CONTEXT_LENGTH), ("vocab_size", VOCAB_SIZE)):
+        ours.register_buffer(name, torch.tensor(value))  # OpenAI's archives carry these three
+    path = str(tmp_path / "ViT-tiny.pt")
+    torch.jit.trace_module(ours, {"encode_image": torch.randn(1, 3, 32, 32)}).save(path)
+    # An archive is a program: one that OpenAI did not publish is refused, not run.
+    one_line_exit(lambda: CLIP.from_pretrained(path), path, "TorchScript", "torch.jit.load")
+    import hashlib
+    with open(path, "rb") as f:
+        monkeypatch.setitem(OPENAI_JIT_SHA256, hashlib.sha256(f.read()).hexdigest(), "ViT-tiny.pt")
+    loaded = CLIP.from_pretrained(path)
+    assert loaded.config.quick_gelu
+    assert_same_weights(loaded.state_dict(), CLIP.from_pretrained(hf_openai_sized[0]).state_dict())
+
+
+# ----------------------------------------------------------------------------- clear refusals
+
+def test_checkpoint_that_does_not_fit_is_refused_naming_the_key(hf_openai_sized, tmp_path):
+    state_dict = CLIP.from_pretrained(hf_openai_sized[0]).state_dict()
+    path = str(tmp_path / "weights.pt")
+    key = "transformer.resblocks.1.mlp.c_fc.weight"
+    torch.save({**state_dict, key: state_dict[key][:-1]}, path)
+    one_line_exit(lambda: CLIP.from_pretrained(path), path, key, "shape")
+    torch.save({k: v for k, v in state_dict.items() if k != "visual.ln_post.bias"}, path)
+    one_line_exit(lambda: CLIP.from_pretrained(path), path, "visual.ln_post.bias")
+    torch.save({**state_dict, "visual.attn_pool.query": torch.zeros(3)}, path)
+    one_line_exit(lambda: CLIP.from_pretrained(path), path, "visual.attn_pool.query")
+    hf_weights = hf_openai_sized[1].state_dict()
+    os.symlink(os.path.join(hf_openai_sized[0], "config.json"), tmp_path / "config.json")
+    hf_key = "text_model.encoder.layers.0.self_attn.k_proj.weight"
+    torch.save({**hf_weights, hf_key: hf_weights[hf_key][:, :-1]}, tmp_path / "pytorch_model.bin")
+    one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path)), hf_key)
+
+
+def test_unreadable_or_foreign_files_fail_with_one_clear_line(hf_openai_sized, tmp_path):
+    folder, _ = hf_openai_sized
+    good = str(tmp_path / "good.pt")
+    torch.save(CLIP.from_pretrained(folder).state_dict(), good)
+    cases = {
+        "truncated.pt": open(good, "rb").read()[:5000],
+        "truncated.safetensors": open(os.path.join(folder, "model.safetensors"), "rb").read()[:5000],
+        "notes.bin": b"these are not weights\n",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path / name)), name, "not a readable weights file")
+    # A pickle that would build arbitrary Python objects is refused, never executed.
+    import argparse
+    torch.save({"model": argparse.Namespace(x=1)}, tmp_path / "pickled_object.pt")
+    one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path / "pickled_object.pt")), "not a readable weights file")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
+    one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path / "resnet.pt")), "visual.conv1.weight")
+    os.makedirs(tmp_path / "empty")
+    one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path / "empty")), "model.safetensors")
+    one_line_exit(lambda: CLIP.from_pretrained(str(tmp_path / "missing.pt")), "no such file")
+
+
+# ----------------------------------------------------------------------------- tokenizer and fine-tuning
+
+def test_clip_tokenizer_folder_pads_and_ends_like_clip(tokenizer_dir):
+    tokenizer = data.load_tokenizer(tokenizer_dir)  # OpenAI's two files, no tokenizer_config.json
+    assert isinstance(tokenizer, transformers.CLIPTokenizer) and tokenizer.eos_token_id == len(tokenizer) - 1
+    ours = data.tokenize(tokenizer, CAPTIONS, CONTEXT_LENGTH)
+    clip = tokenizer(CAPTIONS, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True)["input_ids"]
+    for row, expected in zip(ours.tolist(), clip):
+        end = expected.index(tokenizer.eos_token_id) + 1
+        assert row[:end] == expected[:end] and set(row[end:]) <= {0}  # the same, then padding with 0
+        assert row[0] == tokenizer.bos_token_id and row.index(max(row)) == end - 1  # argmax is the first EOT
+
+
+def test_one_step_finetune_from_hf_weights_under_torchrun(demo_csv, hf_openai_sized, tokenizer_dir, tmp_path):
+    hf_dir = hf_openai_sized[0]
+    start = CLIP.from_pretrained(hf_dir)
+    run = str(tmp_path / "run")
+    run_train("--pretrained", hf_dir, "--tokenizer", tokenizer_dir, "--max-steps", 1, "--batch-size", 4,
+              "--workers", 0, "--output-dir", run, nproc=2)
+    tuned = CLIP.from_pretrained(os.path.join(run, "checkpoints", "latest.pt"))
+    assert tuned.config == start.config
+    assert not torch.equal(tuned.visual.proj, start.visual.proj)  # one step moved the published weights
+    # Our own checkpoint brings its run's tokenizer (kept in RUN/tokenizer); published weights need --tokenizer.
+    again = str(tmp_path / "again")
+    run_train("--pretrained", os.path.join(run, "checkpoints", "latest.pt"), "--max-steps", 1,
+              "--batch-size", 4, "--workers", 0, "--output-dir", again)
+    manifests = [json.load(open(os.path.join(d, "manifest.json"))) for d in (run, again)]
+    assert manifests[1]["tokenizer"]["path"] == os.path.join(run, "tokenizer")
+    assert manifests[0]["tokenizer"]["sha256"] == manifests[1]["tokenizer"]["sha256"]
+    failed = run_train("--pretrained", hf_dir, "--max-steps", 1, "--output-dir", str(tmp_path / "no_tok"), check=False)
+    assert failed.returncode != 0 and "--tokenizer" in failed.stderr.strip().splitlines()[-1], failed.stderr[-2000:]
