@@ -59,8 +59,21 @@ def eval_transform(image_size):
                       T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def load_rgb(path):
+def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+    """Any readable image as 8-bit RGB: grayscale, palette, RGBA (over white), CMYK, 16-bit.
+
+    Decoding happens here, so a truncated file fails here; images over `max_pixels` are refused
+    before decoding (a decompression bomb would otherwise fill the memory).
+    """
+    Image.MAX_IMAGE_PIXELS = None  # our own check below replaces PIL's, with our limit
     with Image.open(path) as image:
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"{image.width}x{image.height} pixels is over --max-image-pixels {max_pixels}")
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit gray: keep the high byte, don't clip
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
 
 
@@ -90,10 +103,13 @@ def train_tokenizer(captions, out_dir, vocab_size):
 
 def load_tokenizer(folder):
     """A local Hugging Face tokenizer folder: ours, or a saved CLIP tokenizer (vocab.json + merges.txt)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
     if not os.path.isdir(folder):
         raise SystemExit(f"--tokenizer {folder}: not a folder. Pass a local Hugging Face tokenizer folder.")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # OpenAI's vocab.json + merges.txt alone name no tokenizer class: they are CLIP's.
+    bare_clip_files = (os.path.exists(os.path.join(folder, "merges.txt"))
+                       and not os.path.exists(os.path.join(folder, "tokenizer_config.json")))
+    tokenizer = (CLIPTokenizer if bare_clip_files else AutoTokenizer).from_pretrained(folder)
     if tokenizer.eos_token_id != len(tokenizer) - 1 or tokenizer.bos_token_id is None:
         raise SystemExit(f"--tokenizer {folder}: end-of-text must be the last id of the vocabulary and a "
                          "start-of-text token must exist (CLIP pools at argmax of the token ids).")
@@ -119,8 +135,8 @@ def tokenize(tokenizer, texts, context_length):
 
 def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
     """Rows of (image path, caption). The separator follows the extension (.tsv tab, else comma)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"--train-data {path}: no such file.")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise SystemExit(f"--train-data {path}: " + ("the file is empty." if os.path.isfile(path) else "no such file."))
     separator = separator or ("\t" if path.endswith(".tsv") else ",")
     with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
         reader = csv.DictReader(f, delimiter=separator)
@@ -132,7 +148,48 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
         rows = [(row[img_key], row[caption_key]) for row in reader]
     if not rows:
         raise SystemExit(f"{path}: the CSV has a header but no rows.")
+    if len(set(rows)) < len(rows):
+        print(f"warning: {path}: {len(rows) - len(set(rows))} duplicate rows (same image and caption); kept.")
     return rows
+
+
+def check_paths(rows, image_root, csv_path, allow_absolute):
+    """Refuse rows whose image path leaves --image-root (absolute paths, '..'): a CSV is data, not a key."""
+    root = os.path.realpath(image_root)
+    for number, (path, _) in enumerate(rows, start=1):
+        inside = os.path.realpath(os.path.join(root, path)).startswith(root + os.sep)
+        if not inside and not allow_absolute:
+            raise SystemExit(f"{csv_path}: data row {number}: image path {path!r} points outside --image-root "
+                             f"{image_root}. Fix the row, or pass --allow-absolute-paths if you trust the CSV.")
+
+
+class BadSampleError(Exception):
+    """An image or caption that cannot be used."""
+
+
+def load_sample(path, caption, max_pixels):
+    """The image of a pair as RGB, or BadSampleError saying what is wrong with the pair."""
+    if not caption.strip():
+        raise BadSampleError("empty caption")
+    try:
+        return load_rgb(path, max_pixels)
+    except (OSError, SyntaxError, ValueError) as e:  # missing, empty, truncated, not an image, too large
+        raise BadSampleError(f"unreadable image: {e}") from None
+
+
+def sample_problem(item):
+    try:
+        load_sample(*item)
+    except BadSampleError as e:
+        return str(e)
+
+
+def find_bad_samples(rows, indices, image_root, workers, max_pixels):
+    """The --check-data pass over rows[indices]: read each image once, in parallel; {row index: reason}."""
+    items = [(os.path.join(image_root, rows[i][0]), rows[i][1], max_pixels) for i in indices]
+    checks = DataLoader(items, batch_size=None, num_workers=workers, collate_fn=sample_problem,
+                        generator=torch.Generator())  # not the global generator: it seeds the model
+    return {index: reason for index, reason in zip(indices, checks) if reason}
 
 
 def file_sha256(path):
@@ -146,10 +203,11 @@ def file_sha256(path):
 class CsvDataset(Dataset):
     """Indexed by (epoch, sample index), so each sample's augmentation is a function of both."""
 
-    def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min, seed):
+    def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min, seed,
+                 max_pixels=Image.MAX_IMAGE_PIXELS):
         self.rows, self.image_root, self.tokenizer = rows, image_root, tokenizer
         self.image_size, self.context_length = image_size, context_length
-        self.rrc_scale_min, self.seed = rrc_scale_min, seed
+        self.rrc_scale_min, self.seed, self.max_pixels = rrc_scale_min, seed, max_pixels
 
     def __len__(self):
         return len(self.rows)
@@ -157,7 +215,11 @@ class CsvDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         path, caption = self.rows[index]
-        image = load_rgb(os.path.join(self.image_root, path))
+        try:
+            image = load_sample(os.path.join(self.image_root, path), caption, self.max_pixels)
+        except BadSampleError as e:
+            raise BadSampleError(f"data row {index + 1} ({path}): {e}. Fix or remove the row, or pass "
+                                 "--bad-samples skip to leave out every bad row, decided before training.") from None
         image = train_transform(image, self.image_size, self.rrc_scale_min, sample_seed(self.seed, epoch, index))
         return image, tokenize(self.tokenizer, [caption], self.context_length)[0]
 
@@ -170,17 +232,18 @@ class GlobalBatchSampler:
     the world_size * accum_steps micro-batches are contiguous slices of it. 1 process x 16 samples,
     2 processes x 8, and 1 process x 2 accumulation steps x 8 see exactly the same set every step.
     The position is just the step number, so resuming needs no sampler state beyond it.
+    `samples` are the usable row indices: all rows, or those left after --bad-samples skip.
     """
 
-    def __init__(self, num_samples, batch_size, world_size, rank, accum_steps, seed, total_steps, start_step=0):
+    def __init__(self, samples, batch_size, world_size, rank, accum_steps, seed, total_steps, start_step=0):
         self.batch_size, self.world_size, self.rank, self.accum_steps = batch_size, world_size, rank, accum_steps
         self.global_batch = batch_size * world_size * accum_steps
-        self.steps_per_epoch = num_samples // self.global_batch  # drop_last: every step is a full batch
-        self.num_samples, self.seed, self.total_steps, self.start_step = num_samples, seed, total_steps, start_step
+        self.steps_per_epoch = len(samples) // self.global_batch  # drop_last: every step is a full batch
+        self.samples, self.seed, self.total_steps, self.start_step = list(samples), seed, total_steps, start_step
 
     def permutation(self, epoch):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
+        return [self.samples[i] for i in torch.randperm(len(self.samples), generator=generator).tolist()]
 
     def __iter__(self):
         permutation, permutation_epoch = None, -1

@@ -1,20 +1,24 @@
 """CLIP in plain PyTorch: a Vision Transformer and a text Transformer trained to agree.
 
-This file holds only the network. Parameter names follow OpenAI CLIP / OpenCLIP exactly
-(`visual.conv1`, `transformer.resblocks.0.attn.in_proj_weight`, `ln_final`, ...) so that published
-checkpoints load with a short, explicit key map (see `CLIP.from_pretrained`).
+This file holds the network and the reading of published weights into it. Parameter names are OpenAI's
+(`visual.conv1`, `transformer.resblocks.0.attn.in_proj_weight`, ...); Hugging Face's map through HF_NAMES.
 
     python -c "import model; print(model.CLIP(model.model_config('tiny')))"
+    python model.py --export-hf runs/RUN/checkpoints/latest.pt hf_out   # a transformers.CLIPModel folder
 """
+import hashlib
 import json
 import math
 import os
+import shutil
+import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 
 
@@ -155,6 +159,139 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj               # class token -> (B, embed_dim)
 
 
+# ----------------------------------------------------------------------------- published weights
+
+# Our names (OpenAI's) -> the Hugging Face CLIPModel names each is made of; "{}" stands for weight and bias.
+HF_NAMES = {
+    "visual.conv1.weight":         ("vision_model.embeddings.patch_embedding.weight",),
+    "visual.class_embedding":      ("vision_model.embeddings.class_embedding",),
+    "visual.positional_embedding": ("vision_model.embeddings.position_embedding.weight",),
+    "visual.ln_pre.{}":            ("vision_model.pre_layrnorm.{}",),  # sic: HF's spelling
+    "visual.ln_post.{}":           ("vision_model.post_layernorm.{}",),
+    "visual.proj":                 ("visual_projection.weight",),      # transposed: see TRANSPOSED
+    "token_embedding.weight":      ("text_model.embeddings.token_embedding.weight",),
+    "positional_embedding":        ("text_model.embeddings.position_embedding.weight",),
+    "ln_final.{}":                 ("text_model.final_layer_norm.{}",),
+    "text_projection":             ("text_projection.weight",),        # transposed
+    "logit_scale":                 ("logit_scale",),
+}
+HF_BLOCK_NAMES = {  # every residual block of both towers
+    "ln_1.{}":          ("layer_norm1.{}",),
+    "attn.in_proj_{}":  ("self_attn.q_proj.{}", "self_attn.k_proj.{}", "self_attn.v_proj.{}"),  # stacked
+    "attn.out_proj.{}": ("self_attn.out_proj.{}",),
+    "ln_2.{}":          ("layer_norm2.{}",),
+    "mlp.c_fc.{}":      ("mlp.fc1.{}",),
+    "mlp.c_proj.{}":    ("mlp.fc2.{}",),
+}
+TRANSPOSED = ("visual.proj", "text_projection")  # (in, out) here; HF's nn.Linear weights are (out, in)
+
+
+def hf_key_map(vision_layers, text_layers):
+    """The tables above, spelled out: our name -> the tuple of HF names, for every parameter."""
+    rows = dict(HF_NAMES)
+    for ours, theirs, layers in (("visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers),
+                                 ("transformer.resblocks", "text_model.encoder.layers", text_layers)):
+        rows.update({f"{ours}.{i}.{our_name}": tuple(f"{theirs}.{i}.{name}" for name in hf_names)
+                     for i in range(layers) for our_name, hf_names in HF_BLOCK_NAMES.items()})
+    return {ours.format(param): tuple(name.format(param) for name in theirs) for ours, theirs in rows.items()
+            for param in (("weight", "bias") if "{}" in ours else ("",))}
+
+
+def hf_to_openai(hf, source):
+    """A HF CLIPModel state dict -> ours: q, k, v fused into in_proj, the two projections transposed."""
+    layers = lambda tower: len({k.split(".")[3] for k in hf if k.startswith(f"{tower}.encoder.layers.")})
+    key_map = hf_key_map(layers("vision_model"), layers("text_model"))
+    used = {name for theirs in key_map.values() for name in theirs}
+    state_dict = {k: v for k, v in hf.items() if k not in used}  # left-overs: from_pretrained refuses them
+    for ours, theirs in key_map.items():
+        if any(name not in hf or hf[name].shape != hf[theirs[0]].shape for name in theirs):
+            raise SystemExit(f"{source}: {' or '.join(theirs)} missing, or q, k, v of unequal shapes.")
+        tensor = torch.cat([hf[name] for name in theirs]) if len(theirs) > 1 else hf[theirs[0]]
+        state_dict[ours] = tensor.T if ours in TRANSPOSED else tensor
+    return state_dict
+
+
+def infer_config(state_dict, folder, hf_names):
+    """Sizes from the weights' shapes, as OpenAI's build_model does; heads and activation from a config beside them."""
+    count_layers = lambda prefix: len({k.split(".")[prefix.count(".")] for k in state_dict if k.startswith(prefix)})
+    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape        # (width, 3, patch, patch)
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)   # 1 + grid*grid positions
+    context_length, text_width = state_dict["positional_embedding"].shape
+    hints = dict(quick_gelu=True, vision_head_width=64, text_heads=text_width // 64)  # OpenAI's, so QuiltNet's
+    if hf_names and os.path.isfile(os.path.join(folder, "config.json")):  # transformers knows its defaults
+        import transformers
+        config = transformers.CLIPConfig.from_pretrained(folder)
+        vision, text = config.vision_config, config.text_config
+        hints = dict(quick_gelu=text.hidden_act == "quick_gelu", text_heads=text.num_attention_heads,
+                     vision_head_width=vision.hidden_size // vision.num_attention_heads)
+    elif os.path.isfile(os.path.join(folder, "open_clip_config.json")):  # OpenCLIP's, next to its Hub weights
+        cfg = json.load(open(os.path.join(folder, "open_clip_config.json"))).get("model_cfg", {})
+        hints = dict(quick_gelu=cfg.get("quick_gelu", False), text_heads=cfg.get("text_cfg", {}).get("heads",
+                     text_width // 64), vision_head_width=cfg.get("vision_cfg", {}).get("head_width", 64))
+    return CLIPConfig(embed_dim=state_dict["text_projection"].shape[1], image_size=grid * patch_size,
+                      patch_size=patch_size, vision_width=vision_width, context_length=context_length,
+                      vision_layers=count_layers("visual.transformer.resblocks."), text_width=text_width,
+                      vocab_size=state_dict["token_embedding.weight"].shape[0],
+                      text_layers=count_layers("transformer.resblocks."), **hints)
+
+
+OPENAI_JIT_SHA256 = {  # OpenAI's ViT CLIPs as published (TorchScript), by the sha256 in their URLs (clip/clip.py)
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af": "ViT-B-32.pt",
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16.pt",
+    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": "ViT-L-14.pt",
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": "ViT-L-14-336px.pt",
+}
+
+
+def read_weights_file(path):
+    """One file -> the dict it holds, without running code from it."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_safetensors(path)
+        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            # A TorchScript archive is a program (torch.jit.load runs its __setstate__): we open OpenAI's only.
+            if hashlib.file_digest(open(path, "rb"), "sha256").hexdigest() not in OPENAI_JIT_SHA256:
+                raise SystemExit(f"{path}: a TorchScript archive that OpenAI did not publish; if you trust it, save "
+                                 "its weights first: torch.save(torch.jit.load(PATH).state_dict(), OUT).")
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as e:  # truncated, or not a weights file at all: say so in one line
+        raise SystemExit(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:160]!r}).")
+
+
+def read_pretrained(path):
+    """Our checkpoint (a run's checkpoints/*.pt), OpenAI's (TorchScript archive or state dict), OpenCLIP's
+    (open_clip_pytorch_model.bin or a training checkpoint) or a HF CLIPModel folder -> (state dict, CLIPConfig)."""
+    if os.path.isdir(path):  # a Hugging Face CLIPModel folder
+        path = next((os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")
+                     if os.path.isfile(os.path.join(path, name))), os.path.join(path, "model.safetensors"))
+    checkpoint = read_weights_file(path)
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f"{path}: holds a {type(checkpoint).__name__}, not a state dict.")
+    if "model" in checkpoint and "config" in checkpoint:  # one of ours: train.py's save_checkpoint
+        return checkpoint["model"], CLIPConfig(**checkpoint["config"])
+    # Unwrap OpenCLIP's training checkpoints; strip DDP's and torch.compile's prefixes; drop what is no weight:
+    # OpenAI's three ints and the position_ids buffers that older versions of transformers saved.
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v
+                  for k, v in checkpoint.get("state_dict", checkpoint).items()
+                  if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("position_ids")}
+    hf_names = any(key.startswith("text_model.") for key in state_dict)
+    state_dict = hf_to_openai(state_dict, path) if hf_names else state_dict
+    if torch.is_tensor(state_dict.get("logit_scale")) and state_dict["logit_scale"].numel() == 1:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(())  # a scalar here, 1-d in some files
+    try:
+        return state_dict, infer_config(state_dict, os.path.dirname(path), hf_names)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF ({type(e).__name__}: {e!s:.160}).")
+
+
+def run_tokenizer_folder(checkpoint):
+    """RUN/checkpoints/X.pt -> RUN/tokenizer, the tokenizer that run trained with; None for other weights."""
+    checkpoints, _ = os.path.split(os.path.abspath(checkpoint))
+    folder = os.path.join(os.path.dirname(checkpoints), "tokenizer")
+    return folder if os.path.basename(checkpoints) == "checkpoints" and os.path.isdir(folder) else None
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -217,8 +354,47 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Our own checkpoint (a run's checkpoints/*.pt) -> CLIP in eval mode, on the CPU."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-        model = cls(CLIPConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
+        """Ours, OpenAI's, OpenCLIP's or a HF CLIPModel (see read_pretrained) -> CLIP in eval mode, CPU, float32."""
+        state_dict, cfg = read_pretrained(path)
+        model = cls(cfg)
+        expected = model.state_dict()
+        # Every parameter exactly once, in the shape the sizes imply: never a silent, half-random partial load.
+        for key in sorted(expected.keys() | state_dict.keys()):
+            found, needed = (tuple(d[key].shape) if key in d else "nothing" for d in (state_dict, expected))
+            if found != needed:
+                raise SystemExit(f"{path}: {key} is {found}, where a CLIP of the sizes it implies needs {needed}.")
+        model.load_state_dict(state_dict)
         return model.eval()
+
+
+# ----------------------------------------------------------------------------- export to Hugging Face
+
+def export_hf(checkpoint, out_dir):
+    """Any weights CLIP.from_pretrained reads -> a transformers.CLIPModel folder (+ the run's tokenizer)."""
+    import transformers
+    model = CLIP.from_pretrained(checkpoint)
+    cfg, act = model.config, "quick_gelu" if model.config.quick_gelu else "gelu"
+    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, hidden_act=act,
+                  num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_width // cfg.vision_head_width,
+                  image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = dict(hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width, hidden_act=act,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size,
+                max_position_embeddings=cfg.context_length, pad_token_id=0,  # data.tokenize pads with 0
+                eos_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2)  # HF pools at the first eos
+    hf_model = transformers.CLIPModel(transformers.CLIPConfig(projection_dim=cfg.embed_dim, vision_config=vision,
+                                                              text_config=text))
+    state_dict, hf_state_dict = model.state_dict(), {}
+    for ours, theirs in hf_key_map(cfg.vision_layers, cfg.text_layers).items():  # hf_to_openai, inverted
+        tensor = state_dict[ours].T if ours in TRANSPOSED else state_dict[ours]
+        hf_state_dict.update(zip(theirs, tensor.chunk(len(theirs)) if len(theirs) > 1 else [tensor]))
+    hf_model.load_state_dict(hf_state_dict, strict=True)  # every HF weight set, none left over
+    hf_model.save_pretrained(out_dir)
+    if run_tokenizer_folder(checkpoint):  # else transformers.AutoTokenizer finds a 2-token default there
+        shutil.copytree(run_tokenizer_folder(checkpoint), out_dir, dirs_exist_ok=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel.")
+    parser.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True)
+    export_hf(*parser.parse_args().export_hf)

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-from model import CLIP, model_config
+from model import CLIP, model_config, read_weights_file, run_tokenizer_folder
 
 
 # ----------------------------------------------------------------------------- the distributed loss
@@ -152,6 +152,12 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=None, help="checkpoint every N steps (default: once per epoch)")
     a("--log-every", type=int, default=10)
     a("--resume", default=None, help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
+    a("--bad-samples", choices=["error", "skip"], default="error",
+      help="an unreadable image or empty caption stops the run (error) or is left out, decided before training (skip)")
+    a("--check-data", action="store_true", help="read every image once before training and list the bad rows")
+    a("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (decompression bombs)")
+    a("--allow-absolute-paths", action="store_true", help="let CSV image paths leave --image-root")
+    a("--skip-nonfinite", type=int, default=0, help="skip up to N steps whose loss is not finite, instead of stopping")
     args = p.parse_args(argv)
     checks = [(args.batch_size >= 1, "--batch-size must be at least 1"),
               (args.accum_steps >= 1, "--accum-steps must be at least 1"),
@@ -238,6 +244,9 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission: say so, and leave no partial file behind
+        raise SystemExit(f"cannot write {path}: {e.strerror or e}. Free some space or choose another "
+                         "--output-dir; the files written before are intact.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -279,18 +288,13 @@ def step_checkpoints(folder):
             if n.startswith("step_") and n.endswith(".pt") and n[5:-3].isdigit()]
 
 
-def load_checkpoint(path):
-    # Checkpoints are plain dicts of tensors and numbers: weights_only=True never runs pickled code.
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def find_resume_checkpoint(run_dir):
     """The newest step checkpoint that loads; a damaged one (e.g. a dying disk) is skipped with a note."""
     for step, path in sorted(step_checkpoints(os.path.join(run_dir, "checkpoints")), reverse=True):
         try:
-            return path, load_checkpoint(path)
-        except Exception as e:
-            print(f"warning: skipping unreadable checkpoint {path}: {e}")
+            return path, read_weights_file(path)
+        except SystemExit as e:
+            print(f"warning: skipping {e}")
     return None, None
 
 
@@ -351,18 +355,96 @@ def train_step(model, micro_batches, args, autocast):
     return loss.detach()
 
 
+def optimizer_step(model, optimizer, args):
+    """After train_step: clip (if asked), step, clear the gradients, clamp the temperature."""
+    if args.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.clamp_logit_scale()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
-def broadcast(value):
-    """rank 0's value of a small Python object, on every rank."""
+def gather_objects(value):
+    """[value of rank 0, value of rank 1, ...] on every rank."""
     if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def make_run_dir(args):
+    """The run folder, the same on every rank; a folder with checkpoints is only continued with --resume."""
+    run_dir = args.output_dir or gather_objects(os.path.join(
+        "runs", f"{os.path.basename(args.model).removesuffix('.json')}-seed{args.seed}-"
+        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"))[0]
+    if not args.resume and step_checkpoints(os.path.join(run_dir, "checkpoints")):
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or another --output-dir.")
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--output-dir {run_dir}: cannot create it ({e.strerror}). Choose a writable folder.")
+    return run_dir
+
+
+def usable_samples(args, rows, image_root, run_dir, rank, world):
+    """Row indices to train on, decided before training and identical on every rank."""
+    data.check_paths(rows, image_root, args.train_data, args.allow_absolute_paths)
+    if not (args.check_data or args.bad_samples == "skip"):
+        return range(len(rows)), {}
+    # Each rank reads its share of the images (with its workers); everybody gets the whole list.
+    bad = {}
+    for part in gather_objects(data.find_bad_samples(rows, range(rank, len(rows), world), image_root,
+                                                     args.workers, args.max_image_pixels)):
+        bad.update(part)
+    if rank == 0:
+        write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
+    if bad and args.bad_samples == "error":
+        first = min(bad)
+        raise SystemExit(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} ({rows[first][0]}): "
+                         f"{bad[first]}. All are in {run_dir}/bad_samples.json: fix them or pass --bad-samples skip.")
+    return [i for i in range(len(rows)) if i not in bad], bad
+
+
+def load_tokenizer_and_model(args, rows, run_dir, is_main):
+    # Weights bring their own sizes (--model names a preset or config otherwise) and need the tokenizer
+    # they were trained with: one of our run checkpoints finds its run's; published weights name theirs.
+    if args.pretrained and not args.tokenizer:
+        args.tokenizer = run_tokenizer_folder(args.pretrained)
+        if not args.tokenizer:
+            raise SystemExit(f"--pretrained {args.pretrained} is not one of our run checkpoints: pass --tokenizer DIR, "
+                             "the tokenizer folder published with these weights (vocab.json + merges.txt).")
+    model = CLIP.from_pretrained(args.pretrained).train() if args.pretrained else None
+    cfg = model.config if model else model_config(args.model)
+    tokenizer_dir = args.tokenizer or os.path.join(run_dir, "tokenizer")
+    if not args.tokenizer and is_main and not os.path.isdir(tokenizer_dir):
+        data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
+    barrier()
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    if args.tokenizer and is_main and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+        # Every run keeps its tokenizer, where evaluation, export and fine-tuning from the run look for it.
+        tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    if not args.tokenizer and not model:
+        cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
+    elif len(tokenizer) > cfg.vocab_size:
+        weights = f"--pretrained {args.pretrained}" if args.pretrained else f"--model {args.model}"
+        raise SystemExit(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; {weights} "
+                         f"embeds only {cfg.vocab_size}.")
+    torch.manual_seed(args.seed)  # RULE 1: the initial weights depend on the seed alone, whatever ran before
+    return tokenizer, tokenizer_dir, model or CLIP(cfg)
+
+
+def next_micro_batches(batches, accum_steps, device):
+    """The next global batch's micro-batches on `device`; a bad sample stops the run with its row."""
+    try:
+        return [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(accum_steps)]
+    except data.BadSampleError as e:  # from a worker process it arrives wrapped around a traceback
+        raise SystemExit(f"{str(e).strip().splitlines()[-1].removeprefix('data.BadSampleError: ')}") from None
 
 
 def main(argv=None):
@@ -372,7 +454,8 @@ def main(argv=None):
     is_main = rank == 0
     seed_everything(args.seed, args.deterministic)
 
-    # --- data: the demo dataset is generated once, by rank 0, while the others wait
+    # --- the run folder and the data; the demo dataset is generated by rank 0 while the others wait
+    run_dir = make_run_dir(args)
     if args.train_data is None:
         if is_main:
             data.ensure_demo_data()
@@ -380,66 +463,42 @@ def main(argv=None):
         args.train_data = data.ensure_demo_data()
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.train_data))
     rows = data.read_csv(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-
-    # --- the run folder; a run that has checkpoints is only continued with --resume
-    run_dir = args.output_dir or broadcast(os.path.join(
-        "runs", f"{os.path.basename(args.model).removesuffix('.json')}-seed{args.seed}-"
-        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
-    checkpoint_path, checkpoint = None, None
-    if args.resume == "auto":
-        checkpoint_path, checkpoint = find_resume_checkpoint(run_dir)
-    elif args.resume:
-        checkpoint_path, checkpoint = args.resume, load_checkpoint(args.resume)
-    elif step_checkpoints(os.path.join(run_dir, "checkpoints")):
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, "
-                         "or another --output-dir.")
-    if is_main:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-
-    # --- tokenizer and model
-    # Published weights bring their own sizes; --model names a preset or config otherwise.
-    model = CLIP.from_pretrained(args.pretrained).train() if args.pretrained else None
-    cfg = model.config if model else model_config(args.model)
-    tokenizer_dir = args.tokenizer or os.path.join(run_dir, "tokenizer")
-    if not args.tokenizer and is_main and not os.path.isdir(tokenizer_dir):
-        data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
-    barrier()
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    if not args.tokenizer and not model:
-        cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
-    elif len(tokenizer) > cfg.vocab_size:
-        raise SystemExit(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; --model {args.model} "
-                         f"embeds only {cfg.vocab_size}.")
-    model = (model or CLIP(cfg)).to(device)
+    samples, bad_samples = usable_samples(args, rows, image_root, run_dir, rank, world)
+    tokenizer, tokenizer_dir, model = load_tokenizer_and_model(args, rows, run_dir, is_main)
+    cfg = model.config
+    model = model.to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = make_optimizer(model, args, device)
 
     # --- the schedule: every number here is a function of the flags and the dataset size
     global_batch = args.batch_size * world * args.accum_steps
-    steps_per_epoch = len(rows) // global_batch
+    steps_per_epoch = len(samples) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.train_data} has {len(rows)} rows, fewer than one global batch of "
+        raise SystemExit(f"{args.train_data} has {len(samples)} usable rows, fewer than one global batch of "
                          f"{global_batch} (--batch-size {args.batch_size} x {world} processes x "
                          f"--accum-steps {args.accum_steps}). Lower --batch-size.")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup = args.warmup if args.warmup is not None else min(10_000, total_steps // 10)
     save_every = args.save_every or steps_per_epoch
 
-    start_step = 0
+    start_step, skipped, checkpoint_path = 0, [], args.resume
+    checkpoint = read_weights_file(args.resume) if args.resume and args.resume != "auto" else None
+    if args.resume == "auto":
+        checkpoint_path, checkpoint = find_resume_checkpoint(run_dir)
     if checkpoint is not None:
         # RULE 8: resume restores everything that decides the future: weights, optimizer moments,
         # the step (which fixes the schedule and the sampler's position) and the random states.
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
+        start_step, skipped = checkpoint["step"], checkpoint["skipped_steps"]
         set_rng_states(checkpoint["rng"])
         if is_main:
             print(f"resuming from {checkpoint_path} at step {start_step}")
     ddp_model = DDP(model, gradient_as_bucket_view=True) if world > 1 else model
 
     dataset = data.CsvDataset(rows, image_root, tokenizer, cfg.image_size, cfg.context_length,
-                              args.rrc_scale, args.seed)
-    sampler = data.GlobalBatchSampler(len(rows), args.batch_size, world, rank, args.accum_steps,
+                              args.rrc_scale, args.seed, args.max_image_pixels)
+    sampler = data.GlobalBatchSampler(samples, args.batch_size, world, rank, args.accum_steps,
                                       args.seed, total_steps, start_step)
     loader = data.make_train_loader(dataset, sampler, args.workers, args.seed, device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -453,7 +512,7 @@ def main(argv=None):
             "seed": args.seed, "world_size": world, "batch_size_per_process": args.batch_size,
             "accum_steps": args.accum_steps, "global_batch_size": global_batch,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-            "train_data": {"path": os.path.abspath(args.train_data), "rows": len(rows),
+            "train_data": {"path": os.path.abspath(args.train_data), "rows": len(rows), "bad_rows": len(bad_samples),
                            "sha256": data.file_sha256(args.train_data)},
             "tokenizer": {"path": os.path.abspath(tokenizer_dir), "vocab_size": len(tokenizer),
                           "sha256": data.tokenizer_fingerprint(tokenizer)},
@@ -470,48 +529,62 @@ def main(argv=None):
         if os.path.exists(log_path):  # lines a killed run wrote after its last checkpoint are redone
             lines = [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
             atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
-        print(f"run folder {run_dir}: {len(rows)} pairs, {world} process(es) x {args.batch_size} x "
+        print(f"run folder {run_dir}: {len(samples)} pairs, {world} process(es) x {args.batch_size} x "
               f"{args.accum_steps} = global batch {global_batch}, {total_steps} steps")
 
     # --- the loop
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, mininterval=2)
-    batches = iter(loader)
-    tick, step = time.time(), start_step
+    batches, tick = iter(loader), time.time()
+    no_bad_step = total_steps + 1
+    first_bad_step = torch.tensor(no_bad_step, device=device)  # tracked on the device: no sync per step
     for step in range(start_step, total_steps):
         lr = cosine_lr(step, args.lr, warmup, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum_steps)]
-        loss = train_step(ddp_model, micro_batches, args, autocast)
-        if args.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
+        loss = train_step(ddp_model, next_micro_batches(batches, args.accum_steps, device), args, autocast)
+        done = step + 1
+        finite = torch.isfinite(loss)
+        if args.skip_nonfinite:  # a decision per step needs a synchronisation per step: only when asked
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
+                skipped.append(done)
+                optimizer.zero_grad(set_to_none=True)
+                if len(skipped) > args.skip_nonfinite:
+                    raise SystemExit(f"error: non-finite loss at steps {skipped}, more than --skip-nonfinite "
+                                     f"{args.skip_nonfinite}; the last good checkpoint is kept in {run_dir}/checkpoints.")
+                progress.update()
+                continue
+        first_bad_step = torch.minimum(first_bad_step, torch.where(finite, no_bad_step, done))
+        optimizer_step(model, optimizer, args)
         progress.update()
 
-        done = step + 1
-        if done % args.log_every == 0 or done == total_steps:
-            if world > 1:  # the only synchronisation in the loop, at log steps
+        log_now, save_now = done % args.log_every == 0 or done == total_steps, done % save_every == 0 or done == total_steps
+        if log_now or save_now:  # the only synchronisations in the loop; never save a non-finite model
+            if world > 1:
+                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+            if first_bad_step.item() != no_bad_step:
+                raise SystemExit(f"error: the loss was not finite at step {first_bad_step.item()}; the last good "
+                                 f"checkpoint is kept in {run_dir}/checkpoints. Lower --lr, set --grad-clip-norm, "
+                                 "or pass --skip-nonfinite N.")
+        if log_now:
+            if world > 1:
                 dist.all_reduce(loss)  # a sum: gloo has no average
                 loss = loss / world
             record = {"step": done, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": lr,
                       "logit_scale": model.logit_scale.exp().item(),
                       "samples_per_s": args.log_every * global_batch / (time.time() - tick)}
-            if not math.isfinite(record["loss"]):
-                raise SystemExit(f"error: the loss is {record['loss']} at step {done}; the last good checkpoint "
-                                 f"is kept in {run_dir}/checkpoints. Lower --lr or set --grad-clip-norm.")
             tick = time.time()
             if is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-        if done % save_every == 0 or done == total_steps:
+        if save_now:
             if is_main:
                 save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "step": done, "epoch": done // steps_per_epoch, "config": vars(cfg),
-                                          "args": vars(args), "rng": rng_states()})
+                                          "args": vars(args), "rng": rng_states(), "skipped_steps": skipped})
             barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
     progress.close()
 
@@ -521,7 +594,7 @@ def main(argv=None):
         print(f"final weights sha256 {sha}")
         manifest = json.load(open(manifest_path))
         manifest.update({"final_weights_sha256": sha, "finished": datetime.datetime.now().isoformat(),
-                         "wall_time_s": round(time.time() - started, 1)})
+                         "wall_time_s": round(time.time() - started, 1), "skipped_nonfinite_steps": skipped})
         if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(data.DEMO_DIR, "train.csv")):
             manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
         write_json(manifest_path, manifest)

@@ -1,0 +1,285 @@
+"""How fast does CLIP train here? Samples/s, step time, peak memory and model FLOPs utilisation (MFU).
+
+Runs train.py's own step (train.train_step, train.make_optimizer, AdamW step) first on synthetic tensors
+already on the device, then on the real pipeline (the demo dataset, CsvDataset + GlobalBatchSampler +
+make_train_loader), and times the data pipeline alone. It does not train anything worth keeping.
+
+The issue's reference configuration (64 px, patch 8, 4+4 layers of width 256, context 32, OpenCLIP's
+vocabulary of 49408, batch 64, fp32):
+    python bench.py --model tiny --width 256 --text-width 256 --vocab-size 49408 --batch-size 64
+A published size in bf16, compiled, with the fast non-deterministic kernels:
+    python bench.py --model ViT-B-32 --batch-size 256 --precision bf16 --compile --no-deterministic --workers 8
+A quick look on a laptop:
+    python bench.py --steps 5 --warmup 2 --batch-size 32
+"""
+import argparse
+import itertools
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+import data
+import train
+from model import CLIP, model_config
+
+
+# ----------------------------------------------------------------------------- model FLOPs
+
+def model_flops(cfg, batch_size):
+    """Matmul FLOPs of one training step (forward + backward) at `batch_size`: the numerator of MFU.
+
+    A (m, k) x (k, n) matmul is 2*m*k*n FLOPs; layer norms, softmax, GELU, the embedding lookup and the
+    optimizer do too little arithmetic to count. A matmul's backward is two matmuls of its size (the
+    gradients of both operands), so backward = 2 x forward; the one exception is the patch embedding,
+    whose input (the images) needs no gradient: only its weight gradient, 1 x forward.
+    Attention scores are counted over the full L x L, also in the causal text tower, as FlopCounterMode
+    and PyTorch's math kernel do; flash kernels skip about half of that masked work, which is small here.
+    Recomputation (--grad-checkpointing, flash attention's backward) is work the hardware does and the
+    model does not need, so it is not counted (PaLM's definition of MFU).
+    tests/test_bench.py checks this against torch.utils.flop_counter.FlopCounterMode.
+    """
+    def tower(tokens, width, layers):  # forward FLOPs of one Transformer, one sample
+        linear = 2 * tokens * width * (3 * width + width + 4 * width + 4 * width)  # q/k/v, out_proj, c_fc, c_proj
+        attention = 2 * 2 * tokens * tokens * width  # Q K^T and scores x V, all heads together
+        return layers * (linear + attention)
+
+    grid = cfg.image_size // cfg.patch_size
+    patch_embedding = 2 * grid * grid * cfg.vision_width * 3 * cfg.patch_size ** 2  # the conv1 "matmul"
+    vision = patch_embedding + tower(1 + grid * grid, cfg.vision_width, cfg.vision_layers) \
+        + 2 * cfg.vision_width * cfg.embed_dim                                  # class token -> embed_dim
+    text = tower(cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
+    # One (B, E) x (E, B) matmul gives the logits of both directions: logits_per_text is its transpose.
+    logits = 2 * batch_size * batch_size * cfg.embed_dim
+    forward = batch_size * (vision + text) + logits
+    return 3 * forward - batch_size * patch_embedding
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def time_steps(step, warmup, steps, device):
+    """Call step() warmup + steps times; the seconds of each timed call, the device synchronised around it
+    (so on a GPU the CPU cannot run ahead into the next step: slightly pessimistic for very small models)."""
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + steps):
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_flops(device, dtype, size, repeats=10):
+    """The device's achievable FLOP/s: the fastest of a few (size x size) matmuls in this dtype."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
+
+
+def peak_rss_mib():
+    """The process's peak resident memory so far; ru_maxrss is in KiB on Linux, bytes on macOS."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def training_step(model, raw_model, optimizer, train_args, autocast, batches, device):
+    """One optimizer step exactly as train.py's loop takes it (without the lr schedule and logging)."""
+    def step():
+        train.train_step(model, train.next_micro_batches(batches, 1, device), train_args, autocast)
+        train.optimizer_step(raw_model, optimizer, train_args)
+    return step
+
+
+def synthetic_batch(cfg, batch_size, device):
+    """Random pixels and token ids, already on the device: a step with no data loading at all."""
+    images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    tokens = torch.randint(1, cfg.vocab_size - 1, (batch_size, cfg.context_length), device=device)
+    tokens[:, -1] = cfg.vocab_size - 1  # end-of-text, the largest id: where the text tower pools
+    return images, tokens
+
+
+def measure(name, step, args, flops, peak, device):
+    """Time `step` (median of --steps after --warmup), print the figures; returns samples/s and MFU.
+    Peak memory: CUDA's max allocated during these steps; on the CPU, the process's peak RSS so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, args.warmup, args.steps, device)
+    memory = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA max allocated)"
+              if device.type == "cuda" else f"{peak_rss_mib():.0f} MiB (process peak RSS)")
+    step_time = statistics.median(times)
+    samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
+    print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
+          f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
+          f"of model FLOPs = {100 * mfu:.1f}% MFU, peak memory {memory}")
+    return samples_per_s, mfu
+
+
+# ----------------------------------------------------------------------------- flags
+
+OVERRIDES = {"--image-size": "image_size", "--patch-size": "patch_size", "--width": "vision_width",
+             "--layers": "vision_layers", "--text-width": "text_width", "--text-layers": "text_layers",
+             "--context-length": "context_length", "--vocab-size": "vocab_size", "--embed-dim": "embed_dim"}
+ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # ours, if pinned
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="tiny", help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
+    for flag, field in OVERRIDES.items():
+        a(flag, type=int, default=None, help=f"override the model's {field}")
+    a("--batch-size", type=int, default=64, help="per step, as train.py's --batch-size on one process")
+    a("--steps", type=int, default=20, help="timed steps per part; the median step time is reported")
+    a("--warmup", type=int, default=5, help="untimed steps first (kernel selection, allocator, compilation)")
+    a("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, as train.py")
+    a("--compile", action="store_true", help="torch.compile the model (it compiles in the warm-up steps)")
+    a("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+      help="train.py's default (RULE 7: no TF32, deterministic kernels); --no-deterministic for speed")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (not model FLOPs)")
+    a("--workers", type=int, default=2, help="data-loader processes for the real pipeline, as train.py")
+    a("--world-size", type=int, default=8, help="only for the printed size of the loss logits")
+    a("--threads", type=int, default=ALL_CORES, help="torch threads; the default is all our cores")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 2048 on CPU")
+    a("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.steps, args.threads, args.world_size) < 1 or min(args.warmup, args.workers) < 0:
+        raise SystemExit("error: --batch-size, --steps, --threads and --world-size must be at least 1, "
+                         "--warmup and --workers at least 0.")
+    return args
+
+
+def bench_config(args):
+    """--model, then the size flags on top of it."""
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in OVERRIDES.items()}
+    return replace(model_config(args.model), **{field: v for field, v in overrides.items() if v is not None})
+
+
+def as_train_args(args):
+    """The Namespace train.py would run with, so that the optimizer and the loss are the users'."""
+    flags = ["--model", args.model, "--batch-size", args.batch_size, "--precision", args.precision,
+             "--workers", args.workers, "--seed", args.seed,
+             "--deterministic" if args.deterministic else "--no-deterministic"]
+    return train.parse_args([str(flag) for flag in flags] + ["--grad-checkpointing"] * args.grad_checkpointing)
+
+
+# ----------------------------------------------------------------------------- the real pipeline
+
+def demo_loaders(cfg, train_args, device):
+    """A function of the step count -> an iterator over demo batches, built as train.py builds its loader."""
+    csv_path = data.ensure_demo_data()
+    rows, batch_size = data.read_csv(csv_path), train_args.batch_size
+    if len(rows) < batch_size:
+        raise SystemExit(f"the demo dataset has {len(rows)} pairs, fewer than --batch-size {batch_size}.")
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
+        tokenizer = data.load_tokenizer(tokenizer_dir)
+    # The model stays the one of the synthetic part, so that the difference between the two samples/s
+    # is the data pipeline; the tokenizer's ids are a subset of its vocabulary (train.py would shrink it).
+    print(f"real pipeline: demo dataset ({len(rows)} pairs), tokenizer of {len(tokenizer)} tokens, "
+          f"{train_args.workers} workers")
+    dataset = data.CsvDataset(rows, os.path.dirname(csv_path), tokenizer, cfg.image_size, cfg.context_length,
+                              train_args.rrc_scale, train_args.seed)
+
+    def loader(steps):
+        sampler = data.GlobalBatchSampler(range(len(rows)), batch_size, 1, 0, 1, train_args.seed, steps)
+        pin_memory = device.type == "cuda"
+        return iter(data.make_train_loader(dataset, sampler, train_args.workers, train_args.seed, pin_memory))
+    return loader
+
+
+def data_pipeline_rate(loader, batch_size, workers, steps):
+    """Images/s the loader delivers with nothing else running: decoded, cropped, normalised, tokenised."""
+    skip = max(1, workers)  # the workers start together, so their first batches arrive at once: skip them
+    batches = loader(skip + steps)
+    return steps * batch_size / sum(time_steps(lambda: next(batches), skip, steps, torch.device("cpu")))
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def print_setup(args, cfg, device):
+    """Everything that decides the figures, and the loss's memory at --world-size."""
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"torch threads, {args.precision}, deterministic {args.deterministic}, TF32 "
+          f"{torch.backends.cuda.matmul.allow_tf32}, compile {args.compile}, grad checkpointing "
+          f"{args.grad_checkpointing}")
+    print(f"model {args.model}: {asdict(cfg)}")
+    if device.type == "cpu":
+        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB")
+    # The global loss scores all N*B samples against all N*B on every rank; the local loss only its B rows.
+    world_batch, mib = args.world_size * args.batch_size, 4 / 2**20
+    print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: global "
+          f"{world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, local {args.batch_size}x{world_batch} "
+          f"= {args.batch_size * world_batch * mib:.2f} MiB")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_args = as_train_args(args)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
+    cfg = bench_config(args)
+    print_setup(args, cfg, device)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, peak_size)
+    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, the fastest of 10)")
+    flops = model_flops(cfg, args.batch_size)
+    print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per step of {args.batch_size} "
+          f"({flops / args.batch_size / 1e9:.3f} per sample, forward + backward)")
+
+    raw_model = CLIP(cfg).to(device).train()
+    raw_model.set_grad_checkpointing(args.grad_checkpointing)
+    print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f} M parameters")
+    optimizer = train.make_optimizer(raw_model, train_args, device)
+    model = raw_model
+    if args.compile:
+        print("compiling the model with torch.compile (in the warm-up steps) ...")
+        model = torch.compile(raw_model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    # --- 1. synthetic tensors: the model, the loss and the optimizer, nothing else
+    batches = itertools.repeat(synthetic_batch(cfg, args.batch_size, device))
+    step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
+    try:
+        synthetic_rate, mfu = measure("synthetic", step, args, flops, peak, device)
+    except Exception as e:
+        if not args.compile:
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). Run without "
+                         "--compile, or fix the cause (on the CPU, Inductor needs a C++ compiler).")
+
+    # --- 2. the data pipeline alone, then training on it
+    loader = demo_loaders(cfg, train_args, device)
+    images_per_s = data_pipeline_rate(loader, args.batch_size, args.workers, args.steps)
+    print(f"data pipeline alone: {images_per_s:.1f} images/s decoded + augmented + tokenised "
+          f"({images_per_s / max(1, args.workers):.1f} per {'worker' if args.workers else 'main process'})")
+    batches = loader(args.warmup + args.steps)
+    step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
+    pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
+
+    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU |")
+    print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | {args.precision} "
+          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

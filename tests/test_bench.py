@@ -1,0 +1,55 @@
+"""bench.py: its analytic model FLOPs against PyTorch's FLOP counter, and a short run of the benchmark.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_bench.py
+"""
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import train
+from model import CLIP, CLIPConfig, model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OTHER_SIZE = CLIPConfig(embed_dim=48, image_size=48, patch_size=12, vision_width=96, vision_layers=2,
+                        vision_head_width=32, context_length=20, vocab_size=300, text_width=64, text_heads=2,
+                        text_layers=3)
+
+
+@pytest.mark.parametrize("cfg, batch_size", [(model_config("tiny"), 6), (OTHER_SIZE, 5)], ids=["tiny", "other"])
+def test_model_flops_match_flop_counter_mode_on_a_training_step(cfg, batch_size):
+    torch.manual_seed(0)
+    model = CLIP(cfg).train()
+    images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size)
+    tokens = torch.randint(1, cfg.vocab_size - 1, (batch_size, cfg.context_length))
+    tokens[:, -1] = cfg.vocab_size - 1
+    counter = FlopCounterMode(display=False)
+    # The CPU's fused attention kernel has no FLOP formula (it would count 0); the math kernel runs the
+    # same attention as matmuls, over the full L x L scores, causal or not.
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        train.train_step(model, [(images, tokens)], train.parse_args([]), contextlib.nullcontext())
+    counted, analytic = counter.get_total_flops(), bench.model_flops(cfg, batch_size)
+    # They agree exactly today. 1e-6 rather than 1%: the smallest term, the logits, is ~1e-5 of the total
+    # here, and a looser tolerance would let it (or the projections, ~1e-3) go missing unnoticed.
+    assert abs(analytic - counted) <= 1e-6 * counted, f"analytic {analytic} vs FlopCounterMode {counted}"
+
+
+def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
+    flags = ["--steps", 2, "--warmup", 1, "--batch-size", 8, "--workers", 1, "--threads", 1, "--peak-size", 256,
+             "--width", 64, "--layers", 1, "--text-width", 64, "--text-layers", 1, "--embed-dim", 32]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *map(str, flags)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for part in ("synthetic:", "real pipeline:"):
+        line = next(line for line in lines if line.startswith(part) and "samples/s" in line)
+        assert "% MFU" in line and "peak memory" in line, line
+    assert any(line.startswith("data pipeline alone:") and "images/s" in line for line in lines)
+    assert any(line.startswith("peak:") and "GFLOP/s" in line for line in lines)
+    assert lines[-2].startswith("| device |") and lines[-1].startswith("| ") and lines[-1].endswith("% |")

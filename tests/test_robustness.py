@@ -1,0 +1,246 @@
+"""Bad input gets one clear line naming the file, the row and the fix; faults lose nothing; loaded files
+never run code. Real files in tmp_path, real processes, real kills."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+from conftest import REPO, run_train, small_run
+
+
+def one_line_exit(call, *args, **kwargs):
+    with pytest.raises(SystemExit) as error:
+        call(*args, **kwargs)
+    message = str(error.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def write_csv(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def test_csv_problems_are_named_with_the_fix(tmp_path):
+    assert "no such file" in one_line_exit(data.read_csv, str(tmp_path / "missing.csv"))
+    assert "empty" in one_line_exit(data.read_csv, write_csv(tmp_path / "empty.csv", ""))
+    message = one_line_exit(data.read_csv, write_csv(tmp_path / "cols.csv", "path,text\na.jpg,b\n"))
+    assert "no column 'image_path'" in message and "['path', 'text']" in message and "--csv-img-key" in message
+    message = one_line_exit(data.read_csv, write_csv(tmp_path / "semi.csv", "image_path;caption\na.jpg;b\n"))
+    assert "--csv-separator" in message  # one column found: the separator is the likely culprit
+    assert "no rows" in one_line_exit(data.read_csv, write_csv(tmp_path / "header.csv", "image_path,caption\n"))
+
+
+def test_csv_quoting_bom_separator_and_duplicates(tmp_path, capsys):
+    text = 'image_path,caption,other\na.jpg,"tumour, grade 2\nsecond line",x\na.jpg,"tumour, grade 2\nsecond line",x\n'
+    rows = data.read_csv(write_csv(tmp_path / "bom.csv", text, "utf-8-sig"))
+    assert rows == [("a.jpg", "tumour, grade 2\nsecond line")] * 2
+    assert "1 duplicate rows" in capsys.readouterr().out
+    tsv = write_csv(tmp_path / "pairs.tsv", "filepath\ttitle\nb.jpg\tlymph node, benign\n")
+    assert data.read_csv(tsv, "filepath", "title") == [("b.jpg", "lymph node, benign")]
+
+
+def test_image_paths_outside_the_image_root_are_refused(tmp_path):
+    rows = [("ok.jpg", "fine"), ("../../etc/passwd", "sneaky")]
+    message = one_line_exit(data.check_paths, rows, str(tmp_path), "pairs.csv", allow_absolute=False)
+    assert "data row 2" in message and "--allow-absolute-paths" in message
+    data.check_paths([("/abs/ok.jpg", "trusted")], str(tmp_path), "pairs.csv", allow_absolute=True)
+
+
+# ----------------------------------------------------------------------------- images
+
+def test_every_readable_image_mode_becomes_the_right_rgb(tmp_path):
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 200
+    cases = {
+        "gray.png": (Image.fromarray(np.full((40, 40), 100, np.uint8)), (100, 100, 100)),
+        "gray16.png": (Image.fromarray(np.full((40, 40), 100 * 256, np.uint16)), (100, 100, 100)),
+        "rgba.png": (Image.fromarray(np.dstack([red, np.zeros((40, 40), np.uint8)])), (255, 255, 255)),  # transparent: white
+        "palette.png": (Image.fromarray(red).convert("P"), (200, 0, 0)),
+        "cmyk.jpg": (Image.fromarray(red).convert("CMYK"), (200, 0, 0)),
+        "tiny.jpg": (Image.fromarray(red[:3, :3]), (200, 0, 0)),
+    }
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        rgb = data.load_rgb(tmp_path / name)
+        assert rgb.mode == "RGB"
+        assert np.abs(np.asarray(rgb)[1, 1].astype(int) - expected).max() <= 6, name  # JPEG and the web palette round
+    # A crop larger than a tiny image still works: RandomResizedCrop upsamples.
+    assert data.train_transform(data.load_rgb(tmp_path / "tiny.jpg"), 64, 0.8, seed=0).shape == (3, 64, 64)
+
+
+def test_unreadable_images_are_bad_samples_with_a_reason(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(good)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "large.png")
+    for name in ("missing.jpg", "empty.jpg", "text.jpg", "truncated.jpg"):
+        with pytest.raises(data.BadSampleError, match="unreadable image"):
+            data.load_sample(str(tmp_path / name), "caption", max_pixels=10**8)
+    with pytest.raises(data.BadSampleError, match="max-image-pixels"):
+        data.load_sample(str(tmp_path / "large.png"), "caption", max_pixels=5000)
+    with pytest.raises(data.BadSampleError, match="empty caption"):
+        data.load_sample(str(good), "  \t", max_pixels=10**8)
+
+
+@pytest.fixture(scope="module")
+def messy_csv(demo_csv, tmp_path_factory):
+    """24 good demo rows and three bad ones: a truncated JPEG, a zero-byte file, an empty caption."""
+    folder = tmp_path_factory.mktemp("messy")
+    root = os.path.dirname(demo_csv)
+    rows = data.read_csv(demo_csv)[::100][:24]
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(open(os.path.join(root, rows[0][0]), "rb").read()[:500])
+    lines = ["image_path,caption"] + [f"{os.path.join(root, p)},{c}" for p, c in rows[:10]]
+    lines += [f"{folder}/cut.jpg,cut", f"{folder}/zero.jpg,zero", f"{os.path.join(root, rows[10][0])}, "]
+    lines += [f"{os.path.join(root, p)},{c}" for p, c in rows[11:]]
+    (folder / "messy.csv").write_text("\n".join(lines) + "\n")
+    return folder / "messy.csv"
+
+
+def test_a_bad_image_stops_the_run_with_its_row(messy_csv, tmp_path):
+    result = run_train("--train-data", messy_csv, "--allow-absolute-paths", "--batch-size", 26, "--max-steps", 1,
+                       "--workers", 1, "--output-dir", tmp_path / "run", check=False)
+    assert result.returncode == 1
+    assert any("data row 1" in line and "--bad-samples skip" in line for line in result.stderr.splitlines())
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_samples_skip_is_decided_before_training_and_deterministic(messy_csv, tmp_path):
+    flags = ["--train-data", messy_csv, "--allow-absolute-paths", "--batch-size", 4, "--max-steps", 3,
+             "--bad-samples", "skip", "--workers", 0]
+    runs = []
+    for name, nproc in (("a", 2), ("b", 2)):
+        run_train(*flags, "--output-dir", tmp_path / name, nproc=nproc)
+        runs.append(torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)["model"])
+        bad = json.load(open(tmp_path / name / "bad_samples.json"))
+        assert list(bad) == ["data row 11", "data row 12", "data row 13"]
+        assert "empty caption" in bad["data row 13"]
+        assert json.load(open(tmp_path / name / "manifest.json"))["train_data"]["bad_rows"] == 3
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    checked = run_train(*flags[:-4], "--check-data", "--output-dir", tmp_path / "c", check=False)
+    assert checked.returncode == 1 and "3 bad rows; data row 11" in checked.stderr
+
+
+# ----------------------------------------------------------------------------- flags
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "--batch-size"), (["--epochs", "0"], "--epochs"), (["--rrc-scale", "1.5"], "--rrc-scale"),
+    (["--rrc-scale", "0"], "--rrc-scale"), (["--accum-steps", "0"], "--accum-steps"), (["--lr", "-1"], "--lr"),
+    (["--resume", "auto"], "--output-dir")])
+def test_impossible_flags_are_rejected_before_any_work(flags, expected):
+    assert expected in one_line_exit(train.parse_args, flags)
+
+
+def test_a_batch_larger_than_the_data_is_rejected(small_csv, demo_csv, tmp_path):
+    result = run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 32,
+                       "--accum-steps", 2, "--output-dir", tmp_path, check=False)
+    assert result.returncode != 0 and "48 usable rows, fewer than one global batch of 64" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- faults
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
+    target = tmp_path / "step_2.pt"
+    torch.save({"step": 2}, target)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time; sys.path.insert(0, {REPO!r}); import train
+def slow(tmp):
+    open(tmp, "wb").write(b"half a checkpoint")
+    print("writing", flush=True); time.sleep(60)
+train.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert torch.load(target, weights_only=True) == {"step": 2}
+    os.makedirs(tmp_path / "run" / "checkpoints")
+    os.replace(target, tmp_path / "run" / "checkpoints" / "step_2.pt")
+    (tmp_path / "run" / "checkpoints" / "step_3.pt").write_bytes(b"garbage from a dying disk")
+    path, checkpoint = train.find_resume_checkpoint(str(tmp_path / "run"))
+    assert path.endswith("step_2.pt") and checkpoint == {"step": 2}
+
+
+def test_a_full_disk_gives_a_clear_message_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "checkpoints")
+    train.save_checkpoint(str(tmp_path), {"step": 1})
+    def disk_full(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    message = one_line_exit(train.save_checkpoint, str(tmp_path), {"step": 2})
+    assert "No space left on device" in message and "--output-dir" in message
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True) == {"step": 1}
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.pt", "step_1.pt"]  # no partial file left
+
+
+def test_an_unwritable_output_dir_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    args = train.parse_args(["--output-dir", str(tmp_path / "a_file" / "run")])
+    assert "cannot create it" in one_line_exit(train.make_run_dir, args)
+
+
+def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(small_csv, demo_csv, tmp_path):
+    common = ["--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 8,
+              "--max-steps", 6, "--save-every", 1, "--workers", 0]
+    result = run_train(*common, "--lr", "1e30", "--warmup", 0, "--output-dir", tmp_path / "a", check=False)
+    assert result.returncode == 1 and "the loss was not finite at step" in result.stderr
+    for path in (tmp_path / "a" / "checkpoints").glob("step_*.pt"):  # whatever was saved is finite
+        weights = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values())
+    run_train(*common, "--lr", "1e30", "--warmup", 0, "--skip-nonfinite", 6, "--output-dir", tmp_path / "b")
+    assert json.load(open(tmp_path / "b" / "manifest.json"))["skipped_nonfinite_steps"]
+
+
+def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, tmp_path):
+    flags = ["--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 8,
+             "--max-steps", 8, "--save-every", 1, "--workers", 0, "--resume", "auto"]
+    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *flags[4:-2], nproc=2)
+    out = tmp_path / "elastic"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "--max-restarts=1", os.path.join(REPO, "train.py"), *map(str, flags), "--output-dir", out],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step_3.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the group
+    assert job.wait(timeout=300) == 0
+    resumed = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_it(tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": RunsCode(marker)}, evil)  # a real pickle that would run a shell command
+    from model import CLIP, read_weights_file
+    for load in (read_weights_file, CLIP.from_pretrained):  # what --resume, --pretrained and evaluate.py use
+        message = one_line_exit(load, str(evil))
+        assert str(evil) in message
+    assert not marker.exists()
