@@ -9,11 +9,13 @@ It does not train or evaluate anything.
 """
 import csv
 import hashlib
+import json
 import math
 import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: tokenizers come from local folders
 
@@ -190,6 +192,25 @@ def find_bad_samples(rows, indices, image_root, workers, max_pixels):
     checks = DataLoader(items, batch_size=None, num_workers=workers, collate_fn=sample_problem,
                         generator=torch.Generator())  # not the global generator: it seeds the model
     return {index: reason for index, reason in zip(indices, checks) if reason}
+
+
+def atomic_write(path, write):
+    """write(temporary path), then rename it into place: a kill leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission: say so, and leave no partial file behind
+        raise SystemExit(f"cannot write {path}: {e.strerror or e}. Free some space or choose another output "
+                         "folder; the files written before are intact.") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def file_sha256(path):

@@ -117,8 +117,7 @@ def contrastive_loss(image_features, text_features, logit_scale, local_loss=Fals
 # ----------------------------------------------------------------------------- flags
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--train-data", default=None, help="CSV/TSV of image paths and captions (default: the demo dataset)")
     a("--image-root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's folder)")
@@ -238,20 +237,6 @@ def weights_sha256(state_dict):
 
 # ----------------------------------------------------------------------------- checkpoints and the manifest
 
-def atomic_write(path, write):
-    """Write through a temporary file and rename it into place: a kill leaves the old file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, no permission: say so, and leave no partial file behind
-        raise SystemExit(f"cannot write {path}: {e.strerror or e}. Free some space or choose another "
-                         "--output-dir; the files written before are intact.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def rng_states():
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
@@ -270,13 +255,13 @@ def save_checkpoint(run_dir, checkpoint, keep=2):
     """checkpoints/step_<N>.pt, then latest.pt pointing at it; older step files beyond `keep` go."""
     folder = os.path.join(run_dir, "checkpoints")
     path = os.path.join(folder, f"step_{checkpoint['step']}.pt")
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    data.atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     def link_latest(tmp):  # a hard link costs no second copy; fall back to a copy where links fail
         try:
             os.link(path, tmp)
         except OSError:
             torch.save(checkpoint, tmp)
-    atomic_write(os.path.join(folder, "latest.pt"), link_latest)
+    data.atomic_write(os.path.join(folder, "latest.pt"), link_latest)
     for old in sorted(step_checkpoints(folder))[:-keep]:
         os.remove(old[1])
 
@@ -312,10 +297,6 @@ def library_versions():
             "numpy": np.__version__, "pillow": PIL.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None}
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -403,7 +384,7 @@ def usable_samples(args, rows, image_root, run_dir, rank, world):
                                                      args.workers, args.max_image_pixels)):
         bad.update(part)
     if rank == 0:
-        write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
+        data.write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
     if bad and args.bad_samples == "error":
         first = min(bad)
         raise SystemExit(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} ({rows[first][0]}): "
@@ -525,10 +506,10 @@ def main(argv=None):
                        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
             "started": manifest.get("started", datetime.datetime.now().isoformat()),
         })
-        write_json(manifest_path, manifest)
+        data.write_json(manifest_path, manifest)
         if os.path.exists(log_path):  # lines a killed run wrote after its last checkpoint are redone
             lines = [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
-            atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
+            data.atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
         print(f"run folder {run_dir}: {len(samples)} pairs, {world} process(es) x {args.batch_size} x "
               f"{args.accum_steps} = global batch {global_batch}, {total_steps} steps")
 
@@ -597,7 +578,7 @@ def main(argv=None):
                          "wall_time_s": round(time.time() - started, 1), "skipped_nonfinite_steps": skipped})
         if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(data.DEMO_DIR, "train.csv")):
             manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
-        write_json(manifest_path, manifest)
+        data.write_json(manifest_path, manifest)
     if dist.is_initialized():
         dist.destroy_process_group()
     return model

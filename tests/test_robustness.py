@@ -159,11 +159,11 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     target = tmp_path / "step_2.pt"
     torch.save({"step": 2}, target)
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time; sys.path.insert(0, {REPO!r}); import train
+import sys, time; sys.path.insert(0, {REPO!r}); import data
 def slow(tmp):
     open(tmp, "wb").write(b"half a checkpoint")
     print("writing", flush=True); time.sleep(60)
-train.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
+data.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     writer.send_signal(signal.SIGKILL)
     writer.wait()
@@ -183,7 +183,7 @@ def test_a_full_disk_gives_a_clear_message_and_keeps_the_old_checkpoint(tmp_path
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     message = one_line_exit(train.save_checkpoint, str(tmp_path), {"step": 2})
-    assert "No space left on device" in message and "--output-dir" in message
+    assert "No space left on device" in message and "choose another output folder" in message
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True) == {"step": 1}
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.pt", "step_1.pt"]  # no partial file left
@@ -205,25 +205,6 @@ def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(smal
         assert all(torch.isfinite(t).all() for t in weights.values())
     run_train(*common, "--lr", "1e30", "--warmup", 0, "--skip-nonfinite", 6, "--output-dir", tmp_path / "b")
     assert json.load(open(tmp_path / "b" / "manifest.json"))["skipped_nonfinite_steps"]
-
-
-def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, tmp_path):
-    flags = ["--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 8,
-             "--max-steps", 8, "--save-every", 1, "--workers", 0, "--resume", "auto"]
-    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *flags[4:-2], nproc=2)
-    out = tmp_path / "elastic"
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "--max-restarts=1", os.path.join(REPO, "train.py"), *map(str, flags), "--output-dir", out],
-                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_3.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the group
-    assert job.wait(timeout=300) == 0
-    resumed = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
-    assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
 
 
 # ----------------------------------------------------------------------------- untrusted files
