@@ -10,7 +10,6 @@ It does not train or evaluate anything.
 import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -195,7 +194,7 @@ def find_bad_samples(rows, indices, image_root, workers, max_pixels):
 
 
 def atomic_write(path, write):
-    """write(temporary path), then rename it into place: a kill leaves the old file intact."""
+    """write(temporary path), then rename it into place. RULE 8: a kill leaves the old file intact."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -435,20 +434,18 @@ def _write_demo(root, per_class_train, per_class_eval, seed):
         writer.writerow(["image_path", "caption"])
         writer.writerows(rows)
     # Held-out tiles in the released layouts: LC25000 folders of JPEGs and PatchCamelyon HDF5 files.
-    lc25000 = {"colon_aca": "colon_image_sets/colon_aca", "colon_n": "colon_image_sets/colon_n",
-               "lung_aca": "lung_image_sets/lung_aca", "lung_n": "lung_image_sets/lung_n",
-               "lung_scc": "lung_image_sets/lung_scc"}
-    for label, folder in lc25000.items():
+    for label in ("colon_aca", "colon_n", "lung_aca", "lung_n", "lung_scc"):
+        folder = f"{label.split('_')[0]}_image_sets/{label}"
         os.makedirs(os.path.join(root, "lung_colon_image_set", folder))
         for i in range(per_class_eval):
             image = render_tile(rng_for(1, label, i), label)
             name = f"{label.replace('_', '').replace('colonaca', 'colonca')}{i + 1}.jpeg"
             Image.fromarray(image).save(os.path.join(root, "lung_colon_image_set", folder, name), quality=90)
     os.makedirs(os.path.join(root, "pcam"))
-    for split, count in (("train", 2 * per_class_eval), ("test", per_class_eval)):
-        labels = [0, 1] * count
-        x = np.stack([render_tile(rng_for(2 if split == "train" else 3, ("node_n", "node_met")[y], i), ("node_n", "node_met")[y])
-                      for i, y in enumerate(labels)])
+    for split_id, split, count in ((2, "train", 2 * per_class_eval), (3, "test", per_class_eval)):
+        labels = [("node_n", "node_met")[i % 2] for i in range(2 * count)]
+        x = np.stack([render_tile(rng_for(split_id, label, i), label) for i, label in enumerate(labels)])
+        labels = [label == "node_met" for label in labels]
         for part, array in (("x", x), ("y", np.array(labels, np.uint8).reshape(-1, 1, 1, 1))):
             with h5py.File(os.path.join(root, "pcam", f"camelyonpatch_level_2_split_{split}_{part}.h5"), "w") as f:
                 f.create_dataset(part, data=array)
