@@ -346,7 +346,10 @@ def _ring(rng, centre, radius, count, jitter):
 
 def render_tile(rng, label):
     """One RGB uint8 tile of class `label`."""
-    atypia = float(np.clip(rng.normal(0.65 if label in MALIGNANT else 0.3, 0.15), 0, 1))
+    organ = label.split("_")[0]
+    # Colon's classes differ by atypia alone (no change of architecture), so its two means lie further apart.
+    benign, malignant = (0.2, 0.75) if organ == "colon" else (0.3, 0.65)
+    atypia = float(np.clip(rng.normal(malignant if label in MALIGNANT else benign, 0.15), 0, 1))
     zoom = rng.uniform(0.85, 1.15)
     hema, eosin = np.zeros((TILE, TILE), np.float32), np.full((TILE, TILE), rng.uniform(0.25, 0.45), np.float32)
     nuclei = []  # (centres, base radius) groups
@@ -354,7 +357,6 @@ def render_tile(rng, label):
     def holes(centres, radii):  # white spaces: gland lumens, alveoli
         eosin[:] = eosin * np.exp(-_ellipses(rng, centres, radii, np.ones(len(radii)), np.full(len(radii), 4.0)))
 
-    organ = label.split("_")[0]
     # Lung tumours mix patterns, as real ones do: a solid area in an adenocarcinoma, a gland-like nest
     # in a squamous carcinoma. Then only keratin and cytoplasm tell them apart.
     pattern = {"colon": "glands", "node": "node", "lung": {
@@ -374,6 +376,8 @@ def render_tile(rng, label):
             nuclei.append((_ring(rng, centre, radius * 0.75, count, 4 * atypia * zoom), 2.3))
             if rng.random() < atypia:
                 nuclei.append((_ring(rng, centre, radius * 1.05, count, 4 * atypia * zoom), 2.3))
+            if organ == "colon" and rng.random() > atypia:  # goblet cells' pale mucin, lost in carcinoma
+                holes(_ring(rng, centre, radius * 0.6, 6, 1.0), np.full(6, 2.2 * zoom))
     elif pattern == "sheet":  # cells on a jittered grid; squamous ones have pink cytoplasm and keratin pearls
         step = zoom * (10 - 2 * atypia)
         axis = np.arange(step / 2, TILE, step)

@@ -72,7 +72,8 @@ def test_resume_after_kill_is_bit_identical(small_csv, demo_csv, tmp_path):
 
 
 def test_global_batch_is_the_same_on_any_world_size_and_accumulation(small_csv, demo_csv, tmp_path):
-    flags = ["--max-steps", 10, "--lr", "1e-3", "--warmup", 2]
+    # fp32: the promise is "equal up to the order of floating-point sums", measured at fp32's resolution.
+    flags = ["--max-steps", 10, "--lr", "1e-3", "--warmup", 2, "--precision", "fp32"]
     one = small_run(small_csv, demo_csv, tmp_path / "1x16", *flags, "--batch-size", 16)["model"]
     two = small_run(small_csv, demo_csv, tmp_path / "2x8", *flags, "--batch-size", 8, nproc=2)["model"]
     accum = small_run(small_csv, demo_csv, tmp_path / "1x2x8", *flags, "--batch-size", 8, "--accum-steps", 2)["model"]
