@@ -248,7 +248,7 @@ def main(argv=None):
     raw_model = CLIP(cfg).to(device).train()
     raw_model.set_grad_checkpointing(args.grad_checkpointing)
     print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f} M parameters")
-    optimizer = train.make_optimizer(raw_model, train_args, device)
+    optimizer = train.make_optimizer(raw_model, train_args)
     model = raw_model
     if args.compile:
         print("compiling the model with torch.compile (in the warm-up steps) ...")

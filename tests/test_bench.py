@@ -53,3 +53,25 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
     assert any(line.startswith("data pipeline alone:") and "images/s" in line for line in lines)
     assert any(line.startswith("peak:") and "GFLOP/s" in line for line in lines)
     assert lines[-2].startswith("| device |") and lines[-1].startswith("| ") and lines[-1].endswith("% |")
+
+
+def test_jpeg_draft_decodes_large_jpegs_smaller_but_never_below_the_smallest_crop(tmp_path):
+    import data
+    import numpy as np
+    from PIL import Image
+    tile = data.render_tile(np.random.default_rng(0), "colon_aca")
+    Image.fromarray(tile).resize((1600, 1200)).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(tile).resize((1600, 1200)).save(tmp_path / "big.png")
+    draft_size = data.CsvDataset([], "", None, 224, 77, 0.8, 0).draft_size  # default: no draft
+    assert draft_size is None
+    draft_size = data.CsvDataset([], "", None, 224, 77, 0.8, 0, jpeg_draft=True).draft_size
+    full, draft = data.load_rgb(tmp_path / "big.jpg"), data.load_rgb(tmp_path / "big.jpg", draft_size=draft_size)
+    assert full.size == (1600, 1200) and draft.size == (400, 300)  # 1/4 scale: 1/8 would go below 290
+    assert min(draft.size) >= draft_size == 290  # 224 / sqrt(0.8 * 3/4) = 289.2, rounded up
+    # The smallest RandomResizedCrop of the drafted image still has >= 224 pixels on each side.
+    assert (0.8 * 400 * 300 * 3 / 4) ** 0.5 >= 224
+    # Same pixels every time (a reproducible decode), close to the full decode's; PNGs are never drafted.
+    assert np.array_equal(np.asarray(draft), np.asarray(data.load_rgb(tmp_path / "big.jpg", draft_size=draft_size)))
+    reference = np.asarray(full.resize(draft.size, Image.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(draft, dtype=np.float32) - reference).mean() < 3
+    assert data.load_rgb(tmp_path / "big.png", draft_size=draft_size).size == (1600, 1200)
