@@ -157,7 +157,7 @@ def parse_args(argv=None):
     a("--world-size", type=int, default=8, help="only for the printed size of the loss logits")
     a("--threads", type=int, default=ALL_CORES, help="torch threads; the default is all our cores")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 2048 on CPU")
+    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 4096 on CPU")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.threads, args.world_size) < 1 or min(args.warmup, args.workers) < 0:
@@ -238,7 +238,7 @@ def main(argv=None):
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
     cfg = bench_config(args)
     print_setup(args, cfg, device)
-    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 4096)
     peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, peak_size)
     print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, the fastest of 10)")
     flops = model_flops(cfg, args.batch_size)

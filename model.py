@@ -6,7 +6,6 @@ This file holds the network and the reading of published weights into it. Parame
     python -c "import model; print(model.CLIP(model.model_config('tiny')))"
     python model.py --export-hf runs/RUN/checkpoints/latest.pt hf_out   # a transformers.CLIPModel folder
 """
-import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -82,11 +80,9 @@ class QuickGELU(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
-    The parameter names are those of nn.MultiheadAttention (in_proj_weight, out_proj), which OpenAI
-    CLIP used, but the computation goes through F.scaled_dot_product_attention: flash or memory-
-    efficient kernels on GPU, and no Python loop over heads anywhere. On CPU in bf16, the flash
-    kernel's backward is ~4x slower than plain matmuls (measured: half of a bf16 step), so there the
-    math kernel is used.
+    Parameter names as nn.MultiheadAttention's (in_proj_weight, out_proj), which OpenAI CLIP used;
+    the computation is F.scaled_dot_product_attention (flash kernels on GPU), except on CPU in bf16,
+    where its backward is ~4x slower than plain matmuls: there it is written out.
     """
     def __init__(self, width, heads):
         super().__init__()
@@ -101,9 +97,13 @@ class Attention(nn.Module):
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         # (B, L, D) -> (B, heads, L, head_width)
         q, k, v = (t.view(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
-        cpu_bf16 = x.is_cpu and q.dtype == torch.bfloat16
-        with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else contextlib.nullcontext():
+        if not (x.is_cpu and q.dtype == torch.bfloat16):
             x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        else:  # the same attention as matmuls: softmax(q k^T / sqrt(head_width)) v
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                 # (B, heads, L, L)
+            if is_causal:  # a token sees only the tokens before it
+                scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), -math.inf)
+            x = scores.softmax(dim=-1) @ v
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
 
 
