@@ -191,7 +191,10 @@ def setup_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    # torchrun's store outlives an elastic restart with the dead group's addresses in it: keys per attempt.
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", next(dist.rendezvous("env://"))[0])
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
 
@@ -275,8 +278,9 @@ def save_checkpoint(run_dir, checkpoint, keep=2):
         except OSError:
             torch.save(checkpoint, tmp)
     data.atomic_write(os.path.join(folder, "latest.pt"), link_latest)
-    for old in sorted(step_checkpoints(folder))[:-keep]:
-        os.remove(old[1])
+    leftovers = [os.path.join(folder, n) for n in os.listdir(folder) if ".pt.tmp" in n]  # from killed writes
+    for old in [p for _, p in sorted(step_checkpoints(folder))[:-keep]] + leftovers:
+        os.remove(old)
 
 
 def step_checkpoints(folder):

@@ -1,5 +1,7 @@
 """Shared fixtures: the demo dataset and one short demo training run, made once per test session."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,6 +21,20 @@ def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def kill_job(job):
+    """kill -9 a torchrun job started with start_new_session=True, all of it at once, as a power cut would.
+
+    torchrun starts each worker in a session of its own, so os.killpg(job.pid) alone kills torchrun and
+    leaves its workers training on as orphans, still writing checkpoints into the run folder.
+    """
+    job.send_signal(signal.SIGSTOP)  # torchrun starts no more workers from here on
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    for group in [job.pid, *map(int, workers)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    job.wait()
 
 
 @pytest.fixture(scope="session")

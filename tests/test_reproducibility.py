@@ -1,14 +1,13 @@
 """The reproducibility promises of RULES.md, each checked with real training processes on the CPU."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import torch
 
-from conftest import REPO, small_run
+from conftest import REPO, kill_job, small_run
 
 STEPS = ["--max-steps", 8, "--save-every", 2]
 
@@ -60,8 +59,7 @@ def test_resume_after_kill_is_bit_identical(small_csv, demo_csv, tmp_path):
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step_4.pt").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_job(job)
     steps = sorted(int(p.name[5:-3]) for p in (out / "checkpoints").glob("step_*.pt"))
     assert steps and steps[-1] < 8, f"the kill came too late to test anything: {steps}"
     resumed = small_run(small_csv, demo_csv, out, *flags, "--resume", "auto", nproc=2)

@@ -3,10 +3,13 @@ never run code. Real files in tmp_path, real processes, real kills."""
 import json
 import os
 import pickle
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import REPO, run_train, small_run
+from conftest import REPO, kill_job, run_train, small_run
 
 
 def one_line_exit(call, *args, **kwargs):
@@ -205,6 +208,78 @@ def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(smal
         assert all(torch.isfinite(t).all() for t in weights.values())
     run_train(*common, "--lr", "1e30", "--warmup", 0, "--skip-nonfinite", 6, "--output-dir", tmp_path / "b")
     assert json.load(open(tmp_path / "b" / "manifest.json"))["skipped_nonfinite_steps"]
+
+
+def start_torchrun(small_csv, demo_csv, out, *flags, log, restarts=0):
+    """small_run's training under `torchrun --nproc_per_node=2`, in a session of its own, printing into `log`."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             f"--max-restarts={restarts}", os.path.join(REPO, "train.py"), "--train-data", small_csv,
+                             "--image-root", os.path.dirname(demo_csv), "--output-dir", out, "--workers", "0",
+                             *map(str, flags)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def assert_trained_as_if_never_interrupted(reference, run_dir):
+    """The same weights and optimizer moments to the bit, and a log with every step once, in order."""
+    resumed = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+    for i, state in reference["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], resumed["optimizer"]["state"][i][k]) for k in state)
+    logged = [json.loads(line)["step"] for line in open(run_dir / "log.jsonl")]
+    assert logged == list(range(1, reference["step"] + 1)), f"the log repeats or skips steps: {logged}"
+
+
+STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]
+
+
+def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, tmp_path):
+    """One rank dies; torchrun --max-restarts starts a new group, which continues with --resume auto.
+
+    torchrun's store outlives the restart and still holds the dead group's gloo addresses; unless each
+    attempt keys its process group apart (train.setup_distributed), the new ranks read them and either
+    dial a dead port or wait on each other forever inside init_process_group.
+    """
+    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *STEPS, nproc=2)
+    out, log = tmp_path / "elastic", tmp_path / "torchrun.log"
+    job = start_torchrun(small_csv, demo_csv, out, *STEPS, "--resume", "auto", log=log, restarts=1)
+    try:
+        while not (out / "checkpoints" / "step_3.pt").exists() and job.poll() is None:
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the whole group
+        assert job.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        kill_job(job)  # pass or fail, no worker is left behind
+    resumed_at = re.search(r"resuming from \S+ at step (\d+)", log.read_text())
+    assert resumed_at and 3 <= int(resumed_at[1]) < 8  # the second group really continued a checkpoint
+    assert_trained_as_if_never_interrupted(reference, out)
+
+
+def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, tmp_path):
+    """kill -9 of the whole job at three random moments, each followed by --resume auto.
+
+    Start-up (imports) takes most of a run this short and varies by seconds, so each moment is drawn
+    from the training of its attempt: from when it writes the manifest to when an uninterrupted run
+    finished. It may land before the first checkpoint, between steps or in a checkpoint write; with
+    this seed the first kill comes before any checkpoint exists. Seeded, so repeatable.
+    """
+    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *STEPS, nproc=2)
+    times = json.load(open(tmp_path / "whole" / "manifest.json"))
+    training = (datetime.fromisoformat(times["finished"]) - datetime.fromisoformat(times["started"])).total_seconds()
+    rng, out, saved = random.Random(66), tmp_path / "killed", []
+    manifest = out / "manifest.json"
+    for attempt in range(3):
+        written = manifest.exists() and os.path.getmtime(manifest)
+        job = start_torchrun(small_csv, demo_csv, out, *STEPS, "--resume", "auto", log=tmp_path / f"{attempt}.log")
+        while job.poll() is None and (not manifest.exists() or os.path.getmtime(manifest) == written):
+            time.sleep(0.01)  # this attempt has not started training yet
+        time.sleep(rng.uniform(0, training))
+        kill_job(job)
+        saved.append(max((int(p.name[5:-3]) for p in (out / "checkpoints").glob("step_*.pt")), default=0))
+    assert any(0 < step < 8 for step in saved), f"no kill landed mid-run; newest checkpoint after each: {saved}"
+    small_run(small_csv, demo_csv, out, *STEPS, "--resume", "auto", nproc=2)
+    assert_trained_as_if_never_interrupted(reference, out)
+    assert not [n for n in os.listdir(out / "checkpoints") if ".tmp" in n], "a killed write left a temp file"
 
 
 # ----------------------------------------------------------------------------- untrusted files
