@@ -1,9 +1,8 @@
 """Data for CLIP training: captions CSV -> (image, tokens) batches, reproducibly; plus the demo dataset.
 
-What lives here: reading an image-caption CSV (QUILT-1M's layout by default), the train and eval
-transforms, the tokenizer, the sampler that fixes every global batch from (seed, epoch), the DataLoader,
-and a generator of synthetic H&E-like tiles so that everything runs offline out of the box.
-It does not train or evaluate anything.
+What lives here: reading an image-caption CSV (QUILT-1M's layout by default), the train and eval transforms,
+the tokenizer, the sampler that fixes every global batch from (seed, epoch), the DataLoader, and a generator
+of synthetic H&E-like tiles so that everything runs offline out of the box. It does not train or evaluate.
 
     python data.py            # writes the demo dataset into data/demo and prints where
 """
@@ -64,11 +63,10 @@ def eval_transform(image_size):
 def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
     """Any readable image as 8-bit RGB: grayscale, palette, RGBA (over white), CMYK, 16-bit.
 
-    Decoding happens here, so a truncated file fails here; images over `max_pixels` are refused
-    before decoding (a decompression bomb would otherwise fill the memory). With `draft_size`, a JPEG
-    is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, as long as both sides stay >= draft_size:
-    several times faster for large images, and other pixels than a full decode (hence a flag).
-    """
+    Decoding happens here, so a truncated file fails here; images over `max_pixels` are refused before decoding
+    (a decompression bomb would otherwise fill the memory). With `draft_size`, a JPEG is decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain, as long as both sides stay >= draft_size: several times faster for large images,
+    and other pixels than a full decode (hence a flag)."""
     Image.MAX_IMAGE_PIXELS = None  # our own check below replaces PIL's, with our limit
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
@@ -89,11 +87,9 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 
 def train_tokenizer(captions, out_dir, vocab_size):
-    """Train a byte-level BPE on the captions (deterministic, offline) and save it as a HF folder.
-
-    Start- and end-of-text are added after training, so end-of-text gets the largest id, as in
-    OpenAI CLIP's vocabulary: the text encoder pools there with argmax.
-    """
+    """Train a byte-level BPE on the captions (deterministic, offline) and save it as a HF folder. Start- and
+    end-of-text are added after training, so end-of-text gets the largest id, as in OpenAI CLIP's vocabulary:
+    the text encoder pools there with argmax."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
@@ -165,8 +161,7 @@ def check_paths(rows, image_root, csv_path, allow_absolute):
     """Refuse rows whose image path leaves --image-root (absolute paths, '..'): a CSV is data, not a key."""
     root = os.path.realpath(image_root)
     for number, (path, _) in enumerate(rows, start=1):
-        inside = os.path.realpath(os.path.join(root, path)).startswith(root + os.sep)
-        if not inside and not allow_absolute:
+        if not allow_absolute and not os.path.realpath(os.path.join(root, path)).startswith(root + os.sep):
             raise SystemExit(f"{csv_path}: data row {number}: image path {path!r} points outside --image-root "
                              f"{image_root}. Fix the row, or pass --allow-absolute-paths if you trust the CSV.")
 
@@ -265,16 +260,12 @@ class GlobalBatchSampler:
         self.steps_per_epoch = len(samples) // self.global_batch  # drop_last: every step is a full batch
         self.samples, self.seed, self.total_steps, self.start_step = list(samples), seed, total_steps, start_step
 
-    def permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return [self.samples[i] for i in torch.randperm(len(self.samples), generator=generator).tolist()]
-
     def __iter__(self):
-        permutation, permutation_epoch = None, -1
         for step in range(self.start_step, self.total_steps):
             epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-            if epoch != permutation_epoch:
-                permutation, permutation_epoch = self.permutation(epoch), epoch
+            if step == self.start_step or step_in_epoch == 0:  # a new epoch's permutation, a function of (seed, epoch)
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                permutation = [self.samples[i] for i in torch.randperm(len(self.samples), generator=generator).tolist()]
             batch = permutation[step_in_epoch * self.global_batch:(step_in_epoch + 1) * self.global_batch]
             for micro in range(self.accum_steps):
                 start = (micro * self.world_size + self.rank) * self.batch_size
@@ -321,11 +312,8 @@ TILE = 96  # pixels, as PatchCamelyon's patches
 
 
 def _ellipses(rng, yx, radius, elongation, strength):
-    """Sum of soft-edged ellipses at centres `yx` (N, 2): a (TILE, TILE) concentration map.
-
-    Each ellipse is evaluated only in a window around its centre and the windows are summed with
-    bincount: a tile of hundreds of nuclei takes about a millisecond.
-    """
+    """Sum of soft-edged ellipses at centres `yx` (N, 2): a (TILE, TILE) concentration map. Each ellipse is
+    evaluated only in a window around its centre, the windows summed with bincount: hundreds of nuclei in ~1 ms."""
     half = int(np.ceil(2 * (radius * elongation).max()))
     offsets = np.arange(-half, half + 1)
     ys = np.floor(yx[:, 0, None, None]).astype(int) + offsets[None, :, None]  # (N, W, 1)
@@ -395,12 +383,9 @@ def render_tile(rng, label):
         nuclei.append((rng.uniform(0, TILE, (int(20 + 30 * atypia), 2)), 1.9))
     else:  # lymph node: a carpet of small dark lymphocytes; metastases add a cluster of large pale cells
         nuclei.append((rng.uniform(0, TILE, (int(zoom * 150), 2)), 1.8))
-        large = int(30 * atypia ** 2)
-        if large:
-            centre = rng.uniform(25, 71, 2)
-            nuclei.append((centre + rng.normal(0, 12 * zoom, (large, 2)), 3.4))
-    stroma = rng.uniform(0, TILE, (int(12 + 8 * atypia), 2))  # scattered stromal cells everywhere
-    nuclei.append((stroma, 1.8))
+        if large := int(30 * atypia ** 2):
+            nuclei.append((rng.uniform(25, 71, 2) + rng.normal(0, 12 * zoom, (large, 2)), 3.4))
+    nuclei.append((rng.uniform(0, TILE, (int(12 + 8 * atypia), 2)), 1.8))  # scattered stromal cells everywhere
 
     for centres, base in nuclei:
         n = len(centres)
@@ -418,11 +403,6 @@ def render_tile(rng, label):
     return np.rot90(image, rng.integers(4)).copy()
 
 
-def caption_for(rng, label):
-    return CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(
-        DEMO_CLASSES[label][rng.integers(len(DEMO_CLASSES[label]))])
-
-
 def _write_demo(root, per_class_train, per_class_eval, seed):
     import h5py
     def rng_for(split, label, i):  # independent streams: any tile can be regenerated on its own
@@ -435,20 +415,17 @@ def _write_demo(root, per_class_train, per_class_eval, seed):
             rng = rng_for(0, label, i)
             path = f"train/{label}/{i:05d}.jpg"
             Image.fromarray(render_tile(rng, label)).save(os.path.join(root, path), quality=90)
-            rows.append((path, caption_for(rng, label)))
+            rows.append((path, rng.choice(CAPTION_TEMPLATES).format(rng.choice(DEMO_CLASSES[label]))))
     rows.sort()  # the CSV order must not depend on the order we generated in
     with open(os.path.join(root, "train.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image_path", "caption"])
-        writer.writerows(rows)
+        csv.writer(f).writerows([("image_path", "caption")] + rows)
     # Held-out tiles in the released layouts: LC25000 folders of JPEGs and PatchCamelyon HDF5 files.
     for label in ("colon_aca", "colon_n", "lung_aca", "lung_n", "lung_scc"):
-        folder = f"{label.split('_')[0]}_image_sets/{label}"
-        os.makedirs(os.path.join(root, "lung_colon_image_set", folder))
+        folder = os.path.join(root, "lung_colon_image_set", f"{label.split('_')[0]}_image_sets", label)
+        os.makedirs(folder)
         for i in range(per_class_eval):
-            image = render_tile(rng_for(1, label, i), label)
             name = f"{label.replace('_', '').replace('colonaca', 'colonca')}{i + 1}.jpeg"
-            Image.fromarray(image).save(os.path.join(root, "lung_colon_image_set", folder, name), quality=90)
+            Image.fromarray(render_tile(rng_for(1, label, i), label)).save(os.path.join(folder, name), quality=90)
     os.makedirs(os.path.join(root, "pcam"))
     for split_id, split, count in ((2, "train", 2 * per_class_eval), (3, "test", per_class_eval)):
         labels = [("node_n", "node_met")[i % 2] for i in range(2 * count)]
@@ -462,10 +439,8 @@ def _write_demo(root, per_class_train, per_class_eval, seed):
 def ensure_demo_data(root=DEMO_DIR, per_class_train=400, per_class_eval=100, seed=0):
     """Generate the demo dataset once; same bytes every time. Returns the path of its train.csv.
 
-    Written into a temporary folder and renamed into place, so a crash leaves no half dataset and
-    concurrent callers (e.g. tests) never read one. Under torchrun only rank 0 should call this
-    first; the other ranks wait at a barrier (see train.py).
-    """
+    Written into a temporary folder and renamed into place, so a crash leaves no half dataset and concurrent
+    callers (e.g. tests) never read one. Under torchrun rank 0 calls this first while the others wait."""
     csv_path = os.path.join(root, "train.csv")
     if not os.path.exists(csv_path):
         tmp = f"{root}.tmp{os.getpid()}"

@@ -78,12 +78,9 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection.
-
-    Parameter names as nn.MultiheadAttention's (in_proj_weight, out_proj), which OpenAI CLIP used;
-    the computation is F.scaled_dot_product_attention (flash kernels on GPU), except on CPU in bf16,
-    where its backward is ~4x slower than plain matmuls: there it is written out.
-    """
+    """Multi-head self-attention with one fused q/k/v projection, named as nn.MultiheadAttention's (in_proj_weight,
+    out_proj), which OpenAI CLIP used. The computation is F.scaled_dot_product_attention (flash kernels on GPU),
+    except on CPU in bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
     def __init__(self, width, heads):
         super().__init__()
         assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
@@ -114,11 +111,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(4 * width, width)),
-        ]))
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)),
+                                              ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
 
     def forward(self, x, is_causal=False):
         x = x + self.attn(self.ln_1(x), is_causal)
@@ -303,9 +298,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         self.visual = VisionTransformer(cfg)
-        # The text encoder lives at the top level, with OpenAI's names.
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu,
-                                       is_causal=True)  # a token sees only the tokens before it
+        # The text encoder lives at the top level, with OpenAI's names; causal: a token sees only the tokens before it.
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, is_causal=True)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = nn.LayerNorm(cfg.text_width)

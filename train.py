@@ -43,9 +43,8 @@ from model import CLIP, model_config, read_weights_file, run_tokenizer_folder
 class GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sends every rank's gradient back to the rank that owns the slice.
 
-    Rank r's loss depends on every rank's features, so the gradient of the *total* loss with respect
-    to rank r's slice is the sum over ranks of their local gradients for that slice: all-reduce-sum,
-    then keep our own slice.
+    Rank r's loss depends on every rank's features, so the gradient of the *total* loss with respect to rank r's
+    slice is the sum over ranks of their local gradients for that slice: all-reduce-sum, then keep our own slice.
     """
 
     @staticmethod
@@ -90,16 +89,14 @@ def contrastive_loss(image_features, text_features, logit_scale, local_loss=Fals
         True        False            | biased: not proportional   | biased
 
     RULE 4: the default is the global loss with gradient through the gather, the exact gradient.
-    Without gather_with_grad each rank drops the terms where other ranks' samples act as negatives for
-    its own; with a global loss that is a uniform 1/N (just a smaller learning rate), but with a local
-    loss it is a different, biased objective: a likely mechanism for the study's finding that the
-    global loss trains more stably.
+    Without gather_with_grad each rank drops the terms where other ranks' samples act as negatives for its own;
+    with a global loss that is a uniform 1/N (just a smaller learning rate), but with a local loss it is a
+    different, biased objective: a likely mechanism for the study's finding that the global loss trains more stably.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     batch = image_features.shape[0]
-    if world == 1:
-        all_image, all_text, offset = image_features, text_features, 0
-    else:
+    all_image, all_text, offset = image_features, text_features, 0
+    if world > 1:
         all_image = gather_features(image_features, gather_with_grad)  # (N*B, D)
         all_text = gather_features(text_features, gather_with_grad)
         offset = dist.get_rank() * batch
@@ -129,7 +126,7 @@ def parse_args(argv=None):
     a("--pretrained", default=None, help="start from these weights: ours, OpenAI, OpenCLIP or a HF CLIPModel folder")
     a("--batch-size", type=int, default=64, help="per process; global batch = this x world size x accum-steps")
     a("--accum-steps", type=int, default=1, help="micro-batches per step, with the contrastive loss over all")
-    a("--epochs", type=int, default=16, help="the demo default: about 4 minutes on 2 CPU cores")
+    a("--epochs", type=int, default=16, help="the demo default: about 3 minutes on 2 CPU cores")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--lr", type=float, default=5e-4, help="OpenCLIP's ViT default; RULE 6: stay at or above 5e-5")
     a("--wd", type=float, default=0.2, help="AdamW weight decay, not applied to gains, biases, logit_scale")
@@ -161,15 +158,14 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (GPU: +12%% on ViT-B-32 bf16; CPU: no gain)")
     a("--skip-nonfinite", type=int, default=0, help="skip up to N steps whose loss is not finite, instead of stopping")
     args = p.parse_args(argv)
-    checks = [(args.batch_size >= 1, "--batch-size must be at least 1"),
-              (args.accum_steps >= 1, "--accum-steps must be at least 1"),
-              (args.epochs >= 1, "--epochs must be at least 1"),
-              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
-              (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
-              (args.lr > 0, "--lr must be positive"),
-              (args.workers >= 0, "--workers cannot be negative"),
-              (args.resume != "auto" or args.output_dir, "--resume auto needs the --output-dir of the run")]
-    for ok, message in checks:
+    for ok, message in [(args.batch_size >= 1, "--batch-size must be at least 1"),
+                        (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+                        (args.epochs >= 1, "--epochs must be at least 1"),
+                        (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+                        (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
+                        (args.lr > 0, "--lr must be positive"),
+                        (args.workers >= 0, "--workers cannot be negative"),
+                        (args.resume != "auto" or args.output_dir, "--resume auto needs the --output-dir of the run")]:
         if not ok:
             raise SystemExit(f"error: {message}.")
     if args.lr < 5e-5:
@@ -186,12 +182,10 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    # torchrun's store outlives an elastic restart with the dead group's addresses in it: keys per attempt.
+    # RULE 8: torchrun's store outlives an elastic restart with the dead group's addresses in it: keys per attempt.
     store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", next(dist.rendezvous("env://"))[0])
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
@@ -319,11 +313,6 @@ def environment(device):
 
 # ----------------------------------------------------------------------------- training
 
-def scale_grad(tensor, factor):
-    """The same value, with its gradient multiplied by `factor`."""
-    return tensor.detach() + (tensor - tensor.detach()) * factor
-
-
 def train_step(model, micro_batches, args, autocast):
     """Forward and backward of one global batch; returns the loss (detached).
 
@@ -334,22 +323,22 @@ def train_step(model, micro_batches, args, autocast):
     """
     loss_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
     if len(micro_batches) == 1:
-        images, tokens = micro_batches[0]
         with autocast:
-            loss = contrastive_loss(*model(images, tokens), **loss_args)
+            loss = contrastive_loss(*model(*micro_batches[0]), **loss_args)
         loss.backward()
         return loss.detach()
     with torch.no_grad(), autocast:
         cached = [model(images, tokens)[:2] for images, tokens in micro_batches]
     for k, (images, tokens) in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
         # DDP all-reduces gradients only after the last micro-batch.
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = model.no_sync() if k < len(micro_batches) - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync, autocast:
             image_features, text_features, logit_scale = model(images, tokens)
             all_image = torch.cat([image_features if i == k else c[0] for i, c in enumerate(cached)])
             all_text = torch.cat([text_features if i == k else c[1] for i, c in enumerate(cached)])
-            loss = contrastive_loss(all_image, all_text, scale_grad(logit_scale, 1 / len(micro_batches)), **loss_args)
+            # The same value, with its gradient multiplied by 1/K.
+            logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / len(micro_batches))
+            loss = contrastive_loss(all_image, all_text, logit_scale, **loss_args)
             loss.backward()
     return loss.detach()
 
@@ -368,11 +357,11 @@ def barrier():
         dist.barrier()
 
 
-def all_ranks(flag):
-    """True where `flag` (a bool tensor) is true on every rank."""
+def min_over_ranks(tensor):
+    """`tensor` replaced, in place, by its minimum over all ranks: a bool stays true only if true on every rank."""
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
 
 
 def gather_objects(value):
@@ -404,10 +393,9 @@ def usable_samples(args, rows, image_root, run_dir, rank, world):
     if not (args.check_data or args.bad_samples == "skip"):
         return range(len(rows))
     # Each rank reads its share of the images (with its workers); everybody gets the whole list.
-    bad = {}
-    for part in gather_objects(data.find_bad_samples(rows, range(rank, len(rows), world), image_root,
-                                                     args.workers, args.max_image_pixels)):
-        bad.update(part)
+    parts = gather_objects(data.find_bad_samples(rows, range(rank, len(rows), world), image_root, args.workers,
+                                                 args.max_image_pixels))
+    bad = {index: reason for part in parts for index, reason in part.items()}
     if rank == 0:
         data.write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
     if bad and args.bad_samples == "error":
@@ -523,10 +511,9 @@ def main(argv=None):
                            "sha256": data.file_sha256(args.train_data)},
             "tokenizer": {"path": os.path.abspath(args.tokenizer or os.path.join(run_dir, "tokenizer")), "vocab_size": len(tokenizer),
                           "sha256": data.tokenizer_fingerprint(tokenizer)},
-            "determinism": {"deterministic": args.deterministic,
+            "determinism": {"deterministic": args.deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
                             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                            "tf32": torch.backends.cuda.matmul.allow_tf32},
+                            "cudnn_benchmark": torch.backends.cudnn.benchmark},
             **environment(device),
             "started": manifest.get("started", datetime.datetime.now().isoformat()),
         })
@@ -549,7 +536,7 @@ def main(argv=None):
             group["lr"] = lr
         loss = train_step(ddp_model, next_micro_batches(batches, args.accum_steps, device), args, autocast)
         done, finite = step + 1, torch.isfinite(loss)
-        if args.skip_nonfinite and not all_ranks(finite):  # a decision per step costs a sync per step: only when asked
+        if args.skip_nonfinite and not min_over_ranks(finite):  # deciding costs a sync per step: only when asked
             skipped.append(done)
             optimizer.zero_grad(set_to_none=True)
             if len(skipped) > args.skip_nonfinite:
@@ -562,9 +549,7 @@ def main(argv=None):
 
         log_now, save_now = done % args.log_every == 0 or done == total_steps, done % save_every == 0 or done == total_steps
         if log_now or save_now:  # the only synchronisations in the loop; never save a non-finite model
-            if world > 1:
-                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
-            if first_bad_step.item() != no_bad_step:
+            if min_over_ranks(first_bad_step).item() != no_bad_step:
                 raise SystemExit(f"error: the loss was not finite at step {first_bad_step.item()}; the last good "
                                  f"checkpoint is kept in {run_dir}/checkpoints. Lower --lr, set --grad-clip-norm, "
                                  "or pass --skip-nonfinite N.")
@@ -592,7 +577,6 @@ def main(argv=None):
     if is_main:
         sha = weights_sha256(model.state_dict())
         print(f"final weights sha256 {sha}")
-        manifest = json.load(open(manifest_path))
         manifest.update({"final_weights_sha256": sha, "finished": datetime.datetime.now().isoformat(),
                          "wall_time_s": round(time.time() - started, 1), "skipped_nonfinite_steps": skipped})
         if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(data.DEMO_DIR, "train.csv")):
