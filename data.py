@@ -158,10 +158,11 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
 
 
 def check_paths(rows, image_root, csv_path, allow_absolute):
-    """Refuse rows whose image path leaves --image-root (absolute paths, '..'): a CSV is data, not a key."""
-    root = os.path.realpath(image_root)
+    """Refuse rows whose image path leaves --image-root (absolute paths, '..'): a CSV is data, not a key.
+    The check reads the path's text, not the file system, so a dataset folder symlinked to another disk works."""
     for number, (path, _) in enumerate(rows, start=1):
-        if not allow_absolute and not os.path.realpath(os.path.join(root, path)).startswith(root + os.sep):
+        normal = os.path.normpath(path)
+        if not allow_absolute and (os.path.isabs(normal) or normal.split(os.sep)[0] == ".."):
             raise SystemExit(f"{csv_path}: data row {number}: image path {path!r} points outside --image-root "
                              f"{image_root}. Fix the row, or pass --allow-absolute-paths if you trust the CSV.")
 

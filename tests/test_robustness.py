@@ -56,10 +56,15 @@ def test_csv_quoting_bom_separator_and_duplicates(tmp_path, capsys):
 
 
 def test_image_paths_outside_the_image_root_are_refused(tmp_path):
-    rows = [("ok.jpg", "fine"), ("../../etc/passwd", "sneaky")]
-    message = one_line_exit(data.check_paths, rows, str(tmp_path), "pairs.csv", allow_absolute=False)
-    assert "data row 2" in message and "--allow-absolute-paths" in message
-    data.check_paths([("/abs/ok.jpg", "trusted")], str(tmp_path), "pairs.csv", allow_absolute=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "slides").symlink_to(tmp_path / "elsewhere")  # a dataset folder on another disk
+    root = str(tmp_path / "root")
+    for bad in ["../../etc/passwd", "slides/../../x.jpg", "/etc/passwd"]:
+        rows = [("ok.jpg", "fine"), ("slides/a.jpg", "symlinked, fine"), (bad, "sneaky")]
+        message = one_line_exit(data.check_paths, rows, root, "pairs.csv", allow_absolute=False)
+        assert "data row 3" in message and repr(bad) in message and "--allow-absolute-paths" in message
+    data.check_paths([("/abs/ok.jpg", "trusted")], root, "pairs.csv", allow_absolute=True)
 
 
 # ----------------------------------------------------------------------------- images
