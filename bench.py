@@ -9,6 +9,8 @@ vocabulary of 49408, batch 64, fp32):
     python bench.py --model tiny --width 256 --text-width 256 --vocab-size 49408 --batch-size 64
 A published size in bf16, compiled, with the fast non-deterministic kernels:
     python bench.py --model ViT-B-32 --batch-size 256 --precision bf16 --compile --no-deterministic --workers 8
+What the checks against bad input cost the happy path:
+    python bench.py --checks
 A quick look on a laptop:
     python bench.py --steps 5 --warmup 2 --batch-size 32
 """
@@ -24,6 +26,7 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+from PIL import Image
 
 import data
 import train
@@ -159,6 +162,7 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 4096 on CPU")
     a("--seed", type=int, default=0)
+    a("--checks", action="store_true", help="instead: time the bad-input checks of data.py (per image, per row)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.threads, args.world_size) < 1 or min(args.warmup, args.workers) < 0:
         raise SystemExit("error: --batch-size, --steps, --threads and --world-size must be at least 1, "
@@ -214,6 +218,29 @@ def data_pipeline_rate(loader, batch_size, workers, steps):
 
 # ----------------------------------------------------------------------------- the benchmark
 
+def checks_overhead():
+    """What the robustness checks of data.py cost the happy path: per image and per CSV row at start-up."""
+    csv_path = data.ensure_demo_data()
+    root, rows = os.path.dirname(csv_path), data.read_csv(csv_path)[:600]
+    max_pixels = train.parse_args([]).max_image_pixels
+    def per_image(load):  # decode + train transform of 600 demo JPEGs, one thread
+        started = time.perf_counter()
+        for i, (path, caption) in enumerate(rows):
+            data.train_transform(load(os.path.join(root, path), caption), 64, 0.8, i)
+        return (time.perf_counter() - started) / len(rows)
+    plain, checked = [], []
+    for _ in range(5):  # interleaved, so that a slow moment of a shared machine hits both
+        plain.append(per_image(lambda path, caption: Image.open(path).convert("RGB")))
+        checked.append(per_image(lambda path, caption: data.load_sample(path, caption, max_pixels)))
+    print(f"per image: plain PIL {min(plain) * 1e6:.0f} us, data.load_sample with its checks "
+          f"{min(checked) * 1e6:.0f} us ({100 * (min(checked) / min(plain) - 1):+.1f}%)")
+    many = rows * 170
+    started = time.perf_counter()
+    data.check_paths(many, root, csv_path, False)
+    per_row = (time.perf_counter() - started) / len(many)
+    print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row (QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
+
+
 def print_setup(args, cfg, device):
     """Everything that decides the figures, and the loss's memory at --world-size."""
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} "
@@ -232,6 +259,9 @@ def print_setup(args, cfg, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.checks:
+        torch.set_num_threads(1)
+        return checks_overhead()
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
