@@ -100,8 +100,12 @@ def train_tokenizer(captions, out_dir, vocab_size):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(sorted(set(captions)), trainer)
     bpe.add_special_tokens([SOT, EOT])
+    save_tokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT), out_dir)
+
+
+def save_tokenizer(tokenizer, out_dir):
     tmp = f"{out_dir}.tmp{os.getpid()}"  # RULE 8: a kill leaves no half-written folder that a resume would load
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
 
 

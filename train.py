@@ -419,7 +419,7 @@ def load_tokenizer_and_model(args, rows, run_dir, is_main):
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if is_main and not os.path.isdir(tokenizer_dir):
         if args.tokenizer:
-            data.load_tokenizer(args.tokenizer).save_pretrained(tokenizer_dir)
+            data.save_tokenizer(data.load_tokenizer(args.tokenizer), tokenizer_dir)
         else:
             data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
     barrier()
