@@ -269,7 +269,8 @@ def main(argv=None):
     cfg = bench_config(args)
     print_setup(args, cfg, device)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 4096)
-    peak = peak_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, peak_size)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = peak_flops(device, dtype, peak_size)
     print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, the fastest of 10)")
     flops = model_flops(cfg, args.batch_size)
     print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per step of {args.batch_size} "
@@ -305,6 +306,9 @@ def main(argv=None):
     batches = loader(args.warmup + args.steps)
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
+    # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
+    peak_after = peak_flops(device, dtype, peak_size)
+    print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift)")
 
     print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU |")
     print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | {args.precision} "
