@@ -7,8 +7,8 @@ QUILT-1M on one node of 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py --model ViT-B-32 --train-data quilt_1M_lookup.csv \
         --image-root /data/quilt_1m --batch-size 256 --epochs 40 --warmup 2000 --workers 8 --precision bf16
 Several nodes (run on each node, with its own --node_rank):
-    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_HOST:29500 --rdzv_id=quilt train.py --model ViT-B-32 ...
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK \
+        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_HOST:29500 --rdzv_id=quilt train.py --model ViT-B-32 ...
 Resume an interrupted run bit-exactly: add `--resume auto --output-dir runs/THAT_RUN`.
 
 The contrastive loss over all ranks is written out below; its docstring has the gradient table that
@@ -185,8 +185,16 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # RULE 8: torchrun's store outlives an elastic restart with the dead group's addresses in it: keys per attempt.
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", next(dist.rendezvous("env://"))[0])
+    # RULE 8: torchrun lends us its own store, which outlives an elastic restart with the dead group's addresses
+    # in it, so each attempt keys its group apart by its restart count. That count is one node's own: several
+    # nodes need torchrun to start a fresh store for each attempt instead.
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        raise SystemExit("several nodes: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                         "environment, or an elastic restart would hang (see README, Training on QUILT-1M)")
+    store = next(dist.rendezvous("env://"))[0]
+    if shared:
+        store = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
     return rank, world, device

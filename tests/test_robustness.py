@@ -6,6 +6,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -215,12 +216,19 @@ def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(smal
     assert json.load(open(tmp_path / "b" / "manifest.json"))["skipped_nonfinite_steps"]
 
 
-def start_torchrun(small_csv, demo_csv, out, *flags, log, restarts=0):
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_torchrun(small_csv, demo_csv, out, *flags, log, restarts=0, launcher=("--standalone", "--nproc_per_node=2"),
+                   env=()):
     """small_run's training under `torchrun --nproc_per_node=2`, in a session of its own, printing into `log`."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             f"--max-restarts={restarts}", os.path.join(REPO, "train.py"), "--train-data", small_csv,
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, f"--max-restarts={restarts}",
+                             os.path.join(REPO, "train.py"), "--train-data", small_csv,
                              "--image-root", os.path.dirname(demo_csv), "--output-dir", out, "--workers", "0",
-                             *map(str, flags)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             *map(str, flags)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)},
                             start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -240,24 +248,41 @@ STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 
 def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, tmp_path):
     """One rank dies; torchrun --max-restarts starts a new group, which continues with --resume auto.
 
-    torchrun's store outlives the restart and still holds the dead group's gloo addresses; unless each
-    attempt keys its process group apart (train.setup_distributed), the new ranks read them and either
-    dial a dead port or wait on each other forever inside init_process_group.
+    First on one node, then on two (two torchrun agents on this machine, one rank each, as README's
+    multi-node command with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). On one node torchrun's store outlives the
+    restart and still holds the dead group's gloo addresses; unless each attempt keys its process group apart
+    (train.setup_distributed), the new ranks read them and either dial a dead port or wait on each other
+    forever inside init_process_group.
     """
     reference = small_run(small_csv, demo_csv, tmp_path / "whole", *STEPS, nproc=2)
-    out, log = tmp_path / "elastic", tmp_path / "torchrun.log"
-    job = start_torchrun(small_csv, demo_csv, out, *STEPS, "--resume", "auto", log=log, restarts=1)
-    try:
-        while not (out / "checkpoints" / "step_3.pt").exists() and job.poll() is None:
-            time.sleep(0.05)
-        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the whole group
-        assert job.wait(timeout=120) == 0, log.read_text()[-3000:]
-    finally:
-        kill_job(job)  # pass or fail, no worker is left behind
-    resumed_at = re.search(r"resuming from \S+ at step (\d+)", log.read_text())
-    assert resumed_at and 3 <= int(resumed_at[1]) < 8  # the second group really continued a checkpoint
-    assert_trained_as_if_never_interrupted(reference, out)
+    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    two_nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", endpoint, "--rdzv-id=elastic"]
+    for name, agents, env in [("one_node", [["--standalone", "--nproc_per_node=2"]], {}),
+                              ("two_nodes", [two_nodes, two_nodes], {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})]:
+        out, logs = tmp_path / name, [tmp_path / f"{name}{i}.log" for i in range(len(agents))]
+        jobs = [start_torchrun(small_csv, demo_csv, out, *STEPS, "--resume", "auto", log=log, restarts=1,
+                               launcher=launcher, env=env) for launcher, log in zip(agents, logs)]
+        try:
+            while not (out / "checkpoints" / "step_3.pt").exists() and all(job.poll() is None for job in jobs):
+                time.sleep(0.05)
+            workers = subprocess.run(["pgrep", "-P", str(jobs[-1].pid)], capture_output=True, text=True).stdout
+            os.kill(int(workers.split()[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the whole group
+            for job, log in zip(jobs, logs):
+                assert job.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            for job in jobs:
+                kill_job(job)  # pass or fail, no worker is left behind
+        resumed_at = re.search(r"resuming from \S+ at step (\d+)", logs[0].read_text())
+        assert resumed_at and 3 <= int(resumed_at[1]) < 8, name  # the second group really continued a checkpoint
+        assert_trained_as_if_never_interrupted(reference, out)
+
+
+def test_several_nodes_sharing_torchruns_store_are_refused_before_they_could_hang(monkeypatch):
+    """Each node counts its own restarts, so per-attempt keys only agree on one node (train.setup_distributed)."""
+    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=16, GROUP_WORLD_SIZE=2,
+                            TORCHELASTIC_USE_AGENT_STORE=True, TORCHELASTIC_RESTART_COUNT=0).items():
+        monkeypatch.setenv(name, str(value))
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(train.setup_distributed)
 
 
 def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, tmp_path):
