@@ -100,13 +100,7 @@ def train_tokenizer(captions, out_dir, vocab_size):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(sorted(set(captions)), trainer)
     bpe.add_special_tokens([SOT, EOT])
-    save_tokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT), out_dir)
-
-
-def save_tokenizer(tokenizer, out_dir):
-    tmp = f"{out_dir}.tmp{os.getpid()}"  # RULE 8: a kill leaves no half-written folder that a resume would load
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    atomic_write(out_dir, PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT).save_pretrained)
 
 
 def load_tokenizer(folder):
@@ -162,12 +156,12 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
 
 
 def check_paths(rows, image_root, csv_path, allow_absolute):
-    """Refuse rows whose image path leaves --image-root (absolute paths, '..'): a CSV is data, not a key.
-    The check reads the path's text, not the file system, so a dataset folder symlinked to another disk works."""
+    """Refuse rows whose image path may leave --image-root (absolute, or any '..'): a CSV is data, not a key.
+    The check reads the path's text, not the file system, so a dataset folder symlinked to another disk works;
+    '..' is refused anywhere, because 'slides/../x' leaves the root when slides is such a symlink."""
     for number, (path, _) in enumerate(rows, start=1):
-        normal = os.path.normpath(path)
-        if not allow_absolute and (os.path.isabs(normal) or normal.split(os.sep)[0] == ".."):
-            raise SystemExit(f"{csv_path}: data row {number}: image path {path!r} points outside --image-root "
+        if not allow_absolute and (os.path.isabs(path) or ".." in path.replace("\\", "/").split("/")):
+            raise SystemExit(f"{csv_path}: data row {number}: image path {path!r} may point outside --image-root "
                              f"{image_root}. Fix the row, or pass --allow-absolute-paths if you trust the CSV.")
 
 
@@ -201,7 +195,8 @@ def find_bad_samples(rows, indices, image_root, workers, max_pixels):
 
 
 def atomic_write(path, write):
-    """write(temporary path), then rename it into place. RULE 8: a kill leaves the old file intact."""
+    """write(temporary path), a file or a folder, then rename it into place. RULE 8: a kill leaves the old
+    file intact, and no half-written one that a resume would load."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -212,7 +207,7 @@ def atomic_write(path, write):
                          "folder; the files written before are intact.") from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
 
 
 def write_json(path, obj):

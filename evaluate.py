@@ -77,6 +77,7 @@ def lc25000_samples(task, root, folders=None):
     layout = (f"lung_colon_image_set/{LC25000_SUBFOLDER[task]}/" if bases else "") + f"{{{','.join(folders)}}}/*.jpeg"
     raise SystemExit(f"{task}={root}: expected the layout {layout}" + (" (the top folder or its subfolder)." if bases else "."))
 
+
 class ImageListDataset(Dataset):
     """(image, label) pairs; with transform=None the images stay PIL images, as in torchvision."""
 

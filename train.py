@@ -427,7 +427,7 @@ def load_tokenizer_and_model(args, rows, run_dir, is_main):
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if is_main and not os.path.isdir(tokenizer_dir):
         if args.tokenizer:
-            data.save_tokenizer(data.load_tokenizer(args.tokenizer), tokenizer_dir)
+            data.atomic_write(tokenizer_dir, data.load_tokenizer(args.tokenizer).save_pretrained)
         else:
             data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
     barrier()
