@@ -50,9 +50,7 @@ class GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor):                                   # (B, D) -> (world * B, D)
         ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered)
+        return torch.cat(all_gather(tensor))
 
     @staticmethod
     def backward(ctx, grad):                                    # (world * B, D) -> (B, D)
@@ -61,11 +59,17 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
 
 
+def all_gather(tensor):
+    """[rank 0's tensor, rank 1's, ...]: plain copies, which carry no gradient."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return gathered
+
+
 def gather_features(features, gather_with_grad):
     if gather_with_grad:
         return GatherWithGrad.apply(features)
-    gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, features.contiguous())
+    gathered = all_gather(features)
     # All-gather returns tensors without grad; put our own slice back so that its gradient flows
     # (the other ranks' slices stay constants here: their gradients are computed on their ranks).
     gathered[dist.get_rank()] = features
