@@ -6,6 +6,7 @@ of synthetic H&E-like tiles so that everything runs offline out of the box. It d
 
     python data.py            # writes the demo dataset into data/demo and prints where
 """
+import contextlib
 import csv
 import hashlib
 import json
@@ -195,8 +196,8 @@ def find_bad_samples(rows, indices, image_root, workers, max_pixels):
 
 
 def atomic_write(path, write):
-    """write(temporary path), a file or a folder, then rename it into place. RULE 8: a kill leaves the old
-    file intact, and no half-written one that a resume would load."""
+    """write(temporary path), a file or a new folder, then rename it into place. RULE 8: a kill leaves the
+    old file intact, and no half-written one that a resume would load (remove_leftovers tidies up after it)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -206,8 +207,14 @@ def atomic_write(path, write):
         raise SystemExit(f"cannot write {path}: {e.strerror or e}. Free some space or choose another output "
                          "folder; the files written before are intact.") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):  # tidying up must not hide the error above
             shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+
+
+def remove_leftovers(folder):
+    """The temporary files and folders of atomic writes that were killed midway (NAME.tmp<pid>)."""
+    for entry in Path(folder).glob("*.tmp[0-9]*"):
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def write_json(path, obj):

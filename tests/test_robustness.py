@@ -178,6 +178,10 @@ data.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert torch.load(target, weights_only=True) == {"step": 2}
+    (tmp_path / "tokenizer.tmp123").mkdir()  # and a killed run's half-written tokenizer folder
+    (tmp_path / "tokenizer.tmp123" / "vocab.json").write_text("{")
+    data.remove_leftovers(tmp_path)  # what the next save or run does first
+    assert sorted(os.listdir(tmp_path)) == ["step_2.pt"]
     os.makedirs(tmp_path / "run" / "checkpoints")
     os.replace(target, tmp_path / "run" / "checkpoints" / "step_2.pt")
     (tmp_path / "run" / "checkpoints" / "step_3.pt").write_bytes(b"garbage from a dying disk")
@@ -284,12 +288,16 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_cs
         assert_trained_as_if_never_interrupted(reference, out)
 
 
-def test_several_nodes_sharing_torchruns_store_are_refused_before_they_could_hang(monkeypatch):
+def test_restarts_on_several_nodes_sharing_torchruns_store_are_refused_before_they_could_hang(monkeypatch):
     """Each node counts its own restarts, so per-attempt keys only agree on one node (train.setup_distributed)."""
-    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=16, GROUP_WORLD_SIZE=2,
+    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=16, GROUP_WORLD_SIZE=2, TORCHELASTIC_MAX_RESTARTS=3,
                             TORCHELASTIC_USE_AGENT_STORE=True, TORCHELASTIC_RESTART_COUNT=0).items():
         monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(train.setup_distributed)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts, nothing to hang: torchrun's defaults work
+    with pytest.raises(ValueError, match="MASTER_ADDR"):  # past the check, at the rendezvous
+        train.setup_distributed()
 
 
 def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, tmp_path):
@@ -316,7 +324,7 @@ def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_c
     assert any(0 < step < 8 for step in saved), f"no kill landed mid-run; newest checkpoint after each: {saved}"
     small_run(small_csv, demo_csv, out, *STEPS, "--resume", "auto", nproc=2)
     assert_trained_as_if_never_interrupted(reference, out)
-    assert not [n for n in os.listdir(out / "checkpoints") if ".tmp" in n], "a killed write left a temp file"
+    assert not list(out.glob("**/*.tmp*")), "a killed write left a temp file"
 
 
 # ----------------------------------------------------------------------------- untrusted files
