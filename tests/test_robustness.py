@@ -256,7 +256,14 @@ def assert_trained_as_if_never_interrupted(reference, run_dir):
 STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]
 
 
-def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(small_csv, demo_csv, tmp_path_factory):
+    """The run that the interrupted ones must end up equal to: its folder and final checkpoint."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2)
+
+
+def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, uninterrupted, tmp_path):
     """One rank dies; torchrun --max-restarts starts a new group, which continues with --resume auto.
 
     First on one node, then on two (two torchrun agents on this machine, one rank each, as README's
@@ -265,7 +272,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_cs
     (train.setup_distributed), the new ranks read them and either dial a dead port or wait on each other
     forever inside init_process_group.
     """
-    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *STEPS, nproc=2)
+    reference = uninterrupted[1]
     endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
     two_nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", endpoint, "--rdzv-id=elastic"]
     for name, agents, env in [("one_node", [["--standalone", "--nproc_per_node=2"]], {}),
@@ -300,7 +307,7 @@ def test_restarts_on_several_nodes_sharing_torchruns_store_are_refused_before_th
         train.setup_distributed()
 
 
-def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, tmp_path):
+def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, uninterrupted, tmp_path):
     """kill -9 of the whole job at three random moments, each followed by --resume auto.
 
     Start-up (imports) takes most of a run this short and varies by seconds, so each moment is drawn
@@ -308,8 +315,8 @@ def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_c
     finished. It may land before the first checkpoint, between steps or in a checkpoint write; with
     this seed the first comes 7% into training, usually before any checkpoint exists. Seeded, so repeatable.
     """
-    reference = small_run(small_csv, demo_csv, tmp_path / "whole", *STEPS, nproc=2)
-    times = json.load(open(tmp_path / "whole" / "manifest.json"))
+    whole, reference = uninterrupted
+    times = json.load(open(whole / "manifest.json"))
     training = (datetime.fromisoformat(times["finished"]) - datetime.fromisoformat(times["started"])).total_seconds()
     rng, out, saved = random.Random(66), tmp_path / "killed", []
     manifest = out / "manifest.json"
