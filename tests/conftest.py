@@ -69,3 +69,14 @@ def small_run(small_csv, demo_csv, out, *flags, nproc=1, **kw):
     run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--output-dir", out,
               "--workers", 0, *flags, nproc=nproc, **kw)
     return torch.load(os.path.join(out, "checkpoints", "latest.pt"), weights_only=True)
+
+
+STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]  # each step saved and logged
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(small_csv, demo_csv, tmp_path_factory):
+    """8 steps on 2 ranks, never interrupted, with STEPS: the run folder and the final checkpoint that
+    interrupted and repeated runs must equal."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2)

@@ -20,7 +20,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import REPO, kill_job, run_train, small_run
+from conftest import REPO, STEPS, kill_job, run_train, small_run
 
 
 def one_line_exit(call, *args, **kwargs):
@@ -251,16 +251,6 @@ def assert_trained_as_if_never_interrupted(reference, run_dir):
         assert all(torch.equal(state[k], resumed["optimizer"]["state"][i][k]) for k in state)
     logged = [json.loads(line)["step"] for line in open(run_dir / "log.jsonl")]
     assert logged == list(range(1, reference["step"] + 1)), f"the log repeats or skips steps: {logged}"
-
-
-STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(small_csv, demo_csv, tmp_path_factory):
-    """The run that the interrupted ones must end up equal to: its folder and final checkpoint."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2)
 
 
 def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, uninterrupted, tmp_path):
