@@ -211,9 +211,9 @@ def atomic_write(path, write):
             shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
 
 
-def remove_leftovers(folder):
-    """The temporary files and folders of atomic writes that were killed midway (NAME.tmp<pid>)."""
-    for entry in Path(folder).glob("*.tmp[0-9]*"):
+def remove_leftovers(run_dir):
+    """The temporary files and folders (NAME.tmp<pid>) of atomic writes a killed run left in RUN or RUN/checkpoints."""
+    for entry in [*Path(run_dir).glob("*.tmp[0-9]*"), *Path(run_dir).glob("checkpoints/*.tmp[0-9]*")]:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 

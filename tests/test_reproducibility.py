@@ -10,7 +10,6 @@ import torch
 from conftest import REPO, STEPS, kill_job, small_run
 
 
-
 def assert_identical(a, b):
     assert a.keys() == b.keys()
     for name in a:

@@ -180,7 +180,7 @@ data.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
     assert torch.load(target, weights_only=True) == {"step": 2}
     (tmp_path / "tokenizer.tmp123").mkdir()  # and a killed run's half-written tokenizer folder
     (tmp_path / "tokenizer.tmp123" / "vocab.json").write_text("{")
-    data.remove_leftovers(tmp_path)  # what the next save or run does first
+    data.remove_leftovers(tmp_path)  # what the next run does first
     assert sorted(os.listdir(tmp_path)) == ["step_2.pt"]
     os.makedirs(tmp_path / "run" / "checkpoints")
     os.replace(target, tmp_path / "run" / "checkpoints" / "step_2.pt")
