@@ -333,25 +333,22 @@ def train_step(model, micro_batches, args, autocast):
     gradient against the cached rest and backpropagate. The K backward passes add up to the exact
     gradient of the one big batch; logit_scale takes part in all K, so its gradient is scaled by 1/K.
     """
-    loss_args = dict(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
-    if len(micro_batches) == 1:
-        with autocast:
-            loss = contrastive_loss(*model(*micro_batches[0]), **loss_args)
-        loss.backward()
-        return loss.detach()
-    with torch.no_grad(), autocast:
-        cached = [model(images, tokens)[:2] for images, tokens in micro_batches]
+    K = len(micro_batches)
+    with torch.no_grad(), autocast:  # with one micro-batch there is no rest to cache
+        cached = [model(images, tokens)[:2] for images, tokens in micro_batches] if K > 1 else [None]
     for k, (images, tokens) in enumerate(micro_batches):
         # DDP all-reduces gradients only after the last micro-batch.
-        sync = model.no_sync() if k < len(micro_batches) - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with sync, autocast:
-            image_features, text_features, logit_scale = model(images, tokens)
-            all_image = torch.cat([image_features if i == k else c[0] for i, c in enumerate(cached)])
-            all_text = torch.cat([text_features if i == k else c[1] for i, c in enumerate(cached)])
-            # The same value, with its gradient multiplied by 1/K.
-            logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / len(micro_batches))
-            loss = contrastive_loss(all_image, all_text, logit_scale, **loss_args)
-            loss.backward()
+        sync = model.no_sync() if k < K - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                image_features, text_features, logit_scale = model(images, tokens)
+                all_image = torch.cat([image_features if i == k else c[0] for i, c in enumerate(cached)])
+                all_text = torch.cat([text_features if i == k else c[1] for i, c in enumerate(cached)])
+                # The same value, with its gradient multiplied by 1/K (by exactly 1 when K = 1).
+                logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / K)
+                loss = contrastive_loss(all_image, all_text, logit_scale, local_loss=args.local_loss,
+                                        gather_with_grad=args.gather_with_grad)
+            loss.backward()  # outside autocast, as PyTorch advises
     return loss.detach()
 
 
