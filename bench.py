@@ -266,6 +266,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
+    train.keep_freed_memory()
     cfg = bench_config(args)
     print_setup(args, cfg, device)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 4096)

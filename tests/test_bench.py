@@ -55,6 +55,29 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
     assert lines[-2].startswith("| device |") and lines[-1].startswith("| ") and lines[-1].endswith("% |")
 
 
+KEEP_FREED_MEMORY_PROBE = """
+import resource, sys, torch, train
+if sys.argv[1] == "keep":
+    train.keep_freed_memory()
+faults = []
+for step in range(30):  # a "step" allocates a 64 MiB activation, writes it and frees it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[-5:]))  # once settled (glibc's heap settles within the first ~10 steps)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_lets_each_step_reuse_the_pages_of_the_step_before():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_PROBE, mode], cwd=REPO, check=True,
+                                       capture_output=True, text=True, timeout=120).stdout)
+              for mode in ("default", "keep")}
+    pages = 5 * 2**26 // 4096
+    assert faults["default"] >= pages / 2, faults  # each step maps the block afresh: the kernel faults it in again
+    assert faults["keep"] < pages / 100, faults    # the same pages, already in the process
+
+
 def test_jpeg_draft_decodes_large_jpegs_smaller_but_never_below_the_smallest_crop(tmp_path):
     import data
     import numpy as np
