@@ -81,10 +81,11 @@ def time_steps(step, warmup, steps, device):
     return times
 
 
-def peak_flops(device, dtype, size, repeats=10):
-    """The device's achievable FLOP/s: the fastest of a few (size x size) matmuls in this dtype."""
+def peak_meter(device, dtype, size):
+    """A function repeats -> the device's achievable FLOP/s now: the fastest of `repeats` (size x size) matmuls
+    in this dtype. The benchmark calls it at the start, after every timed step and at the end."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    return 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
+    return lambda repeats: 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
 
 
 def peak_rss_mib():
@@ -117,20 +118,28 @@ def synthetic_batch(cfg, batch_size, device):
     return images, tokens
 
 
-def measure(name, step, args, flops, peak, device):
-    """Time `step` (median of --steps after --warmup), print the figures; returns samples/s and MFU.
+def measure(name, step, args, flops, peak, peak_now, device):
+    """Time `step` (median of --steps after --warmup), print the figures; returns samples/s and both MFUs.
+    MFU is model FLOP/s over `peak` (measured at the start) and, because a shared machine's speed drifts
+    (its matmul peak here moved by up to 2x within seconds), also the median over the timed steps of each
+    step's FLOP/s over a peak matmul timed right after that step (`peak_now`), under the same conditions.
     Peak memory: CUDA's max allocated during these steps; on the CPU, the process's peak RSS so far."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, args.warmup, args.steps, device)
+    time_steps(step, args.warmup, 0, device)
+    times, mfus_now = [], []
+    for _ in range(args.steps):
+        times += time_steps(step, 0, 1, device)
+        mfus_now.append(flops / times[-1] / peak_now(1))
     memory = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA max allocated)"
               if device.type == "cuda" else f"{peak_rss_mib():.0f} MiB (process peak RSS)")
-    step_time = statistics.median(times)
+    step_time, mfu_now = statistics.median(times), statistics.median(mfus_now)
     samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
     print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
           f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
-          f"of model FLOPs = {100 * mfu:.1f}% MFU, peak memory {memory}")
-    return samples_per_s, mfu
+          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak, {100 * mfu_now:.1f}% of the peak after "
+          f"each step, peak memory {memory}")
+    return samples_per_s, mfu, mfu_now
 
 
 # ----------------------------------------------------------------------------- flags
@@ -160,7 +169,7 @@ def parse_args(argv=None):
     a("--world-size", type=int, default=8, help="only for the printed size of the loss logits")
     a("--threads", type=int, default=ALL_CORES, help="torch threads; the default is all our cores")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 4096 on CPU")
+    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 2048 on CPU")
     a("--seed", type=int, default=0)
     a("--checks", action="store_true", help="instead: time the bad-input checks of data.py (per image, per row)")
     args = p.parse_args(argv)
@@ -269,9 +278,10 @@ def main(argv=None):
     train.keep_freed_memory()
     cfg = bench_config(args)
     print_setup(args, cfg, device)
-    peak_size = args.peak_size or (8192 if device.type == "cuda" else 4096)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = peak_flops(device, dtype, peak_size)
+    peak_now = peak_meter(device, dtype, peak_size)
+    peak = peak_now(10)
     print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, the fastest of 10)")
     flops = model_flops(cfg, args.batch_size)
     print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per step of {args.batch_size} "
@@ -291,7 +301,7 @@ def main(argv=None):
     batches = itertools.repeat(synthetic_batch(cfg, args.batch_size, device))
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     try:
-        synthetic_rate, mfu = measure("synthetic", step, args, flops, peak, device)
+        synthetic_rate, mfu, mfu_now = measure("synthetic", step, args, flops, peak, peak_now, device)
     except Exception as e:
         if not args.compile:
             raise
@@ -306,14 +316,14 @@ def main(argv=None):
           f"({images_per_s / max(1, args.workers):.1f} per {'worker' if args.workers else 'main process'})")
     batches = loader(args.warmup + args.steps)
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
-    pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
+    pipeline_rate, *_ = measure("real pipeline", step, args, flops, peak, peak_now, device)
     # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
-    peak_after = peak_flops(device, dtype, peak_size)
+    peak_after = peak_now(10)
     print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift)")
 
-    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU |")
+    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU (start peak, peak after each step) |")
     print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | {args.precision} "
-          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu:.1f}% |")
+          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu:.1f}%, {100 * mfu_now:.1f}% |")
 
 
 if __name__ == "__main__":

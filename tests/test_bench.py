@@ -49,7 +49,7 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
     lines = result.stdout.splitlines()
     for part in ("synthetic:", "real pipeline:"):
         line = next(line for line in lines if line.startswith(part) and "samples/s" in line)
-        assert "% MFU" in line and "peak memory" in line, line
+        assert "% MFU of the start peak" in line and "% of the peak after each step" in line and "peak memory" in line, line
     assert any(line.startswith("data pipeline alone:") and "images/s" in line for line in lines)
     assert any(line.startswith("peak:") and "GFLOP/s" in line for line in lines)
     assert lines[-2].startswith("| device |") and lines[-1].startswith("| ") and lines[-1].endswith("% |")
