@@ -237,7 +237,7 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for the next step instead of handing it back to the kernel.
     By default each large block (activations, the embedding's gradient) is mapped when allocated and unmapped
     when freed, so every step faults the same pages in again, zeroed by the kernel: ~7% of an fp32 CPU step
-    of bench.py's reference configuration. Peak memory stays the same; other C libraries are left alone."""
+    of bench.py's reference configuration, whose peak memory stayed the same. Other C libraries are left alone."""
     with contextlib.suppress(OSError):  # not glibc: macOS, musl
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)        # M_MMAP_MAX: large blocks come from the heap too, where freed memory is reused
