@@ -83,14 +83,22 @@ def time_steps(step, warmup, steps, device):
 
 def peak_meter(device, dtype, size):
     """A function repeats -> the device's achievable FLOP/s now: the fastest of `repeats` (size x size) matmuls
-    in this dtype. The benchmark calls it at the start, after every timed step and at the end."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    return lambda repeats: 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
+    in this dtype. The benchmark calls it at the start, after every synthetic step and at the end. Its
+    matrices live only during the call, so that they add nothing to the memory the steps are charged with."""
+    def peak_now(repeats):
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        return 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
+    return peak_now
 
 
 def peak_rss_mib():
     """The process's peak resident memory so far; ru_maxrss is in KiB on Linux, bytes on macOS."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def peak_memory_mib(device):
+    """CUDA's max allocated since the last reset_peak_memory_stats; on the CPU, the process's peak RSS so far."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
 
 
 def device_name(device):
@@ -118,28 +126,32 @@ def synthetic_batch(cfg, batch_size, device):
     return images, tokens
 
 
-def measure(name, step, args, flops, peak, peak_now, device):
-    """Time `step` (median of --steps after --warmup), print the figures; returns samples/s and both MFUs.
-    MFU is model FLOP/s over `peak` (measured at the start) and, because a shared machine's speed drifts
-    (its matmul peak here moved by up to 2x within seconds), also the median over the timed steps of each
-    step's FLOP/s over a peak matmul timed right after that step (`peak_now`), under the same conditions.
-    Peak memory: CUDA's max allocated during these steps; on the CPU, the process's peak RSS so far."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    time_steps(step, args.warmup, 0, device)
-    times, mfus_now = [], []
+def measure(name, step, args, flops, peak, device, peak_now=None):
+    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s, the step time
+    and the MFU beside each step (None without `peak_now`).
+    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (its matmul peak
+    here moved by up to 2x within seconds), so `peak_now`, if given, times a peak matmul right after each
+    step, under the same conditions, and the median of the per-step ratios is printed too. Only for the
+    synthetic steps: between steps of the real pipeline, its workers would prepare batches off the clock.
+    Peak memory: the most CUDA allocated within a step; on the CPU, the process's peak RSS so far."""
+    time_steps(step, args.warmup, 0, device)  # warm-up only
+    times, mfus_now, memory = [], [], 0
     for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times += time_steps(step, 0, 1, device)
-        mfus_now.append(flops / times[-1] / peak_now(1))
-    memory = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA max allocated)"
-              if device.type == "cuda" else f"{peak_rss_mib():.0f} MiB (process peak RSS)")
-    step_time, mfu_now = statistics.median(times), statistics.median(mfus_now)
+        memory = max(memory, peak_memory_mib(device))
+        if peak_now:
+            mfus_now.append(flops / times[-1] / peak_now(1))
+    step_time = statistics.median(times)
     samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
+    mfu_now = statistics.median(mfus_now) if peak_now else None
     print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
           f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
-          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak, {100 * mfu_now:.1f}% of the peak after "
-          f"each step, peak memory {memory}")
-    return samples_per_s, mfu, mfu_now
+          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak"
+          + (f", {100 * mfu_now:.1f}% of the peak after each step" if peak_now else "")
+          + f", peak memory {memory:.0f} MiB ({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
+    return samples_per_s, step_time, mfu_now
 
 
 # ----------------------------------------------------------------------------- flags
@@ -250,7 +262,7 @@ def checks_overhead():
     print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row (QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
 
 
-def print_setup(args, cfg, device):
+def print_setup(args, cfg, device, freed_memory_kept):
     """Everything that decides the figures, and the loss's memory at --world-size."""
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} "
           f"torch threads, {args.precision}, deterministic {args.deterministic}, TF32 "
@@ -258,7 +270,8 @@ def print_setup(args, cfg, device):
           f"{args.grad_checkpointing}")
     print(f"model {args.model}: {asdict(cfg)}")
     if device.type == "cpu":
-        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB")
+        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; freed memory "
+              f"kept for reuse (train.keep_freed_memory): {freed_memory_kept}")
     # The global loss scores all N*B samples against all N*B on every rank; the local loss only its B rows.
     world_batch, mib = args.world_size * args.batch_size, 4 / 2**20
     print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: global "
@@ -275,9 +288,9 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
-    train.keep_freed_memory()
+    freed_memory_kept = device.type == "cpu" and train.keep_freed_memory()  # as train.py
     cfg = bench_config(args)
-    print_setup(args, cfg, device)
+    print_setup(args, cfg, device, freed_memory_kept)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak_now = peak_meter(device, dtype, peak_size)
@@ -301,7 +314,7 @@ def main(argv=None):
     batches = itertools.repeat(synthetic_batch(cfg, args.batch_size, device))
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     try:
-        synthetic_rate, mfu, mfu_now = measure("synthetic", step, args, flops, peak, peak_now, device)
+        synthetic_rate, _, mfu_now = measure("synthetic", step, args, flops, peak, device, peak_now)
     except Exception as e:
         if not args.compile:
             raise
@@ -316,14 +329,16 @@ def main(argv=None):
           f"({images_per_s / max(1, args.workers):.1f} per {'worker' if args.workers else 'main process'})")
     batches = loader(args.warmup + args.steps)
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
-    pipeline_rate, *_ = measure("real pipeline", step, args, flops, peak, peak_now, device)
+    pipeline_rate, pipeline_step_time, _ = measure("real pipeline", step, args, flops, peak, device)
     # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
     peak_after = peak_now(10)
-    print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift)")
+    print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift); "
+          f"the real pipeline's MFU against it: {100 * flops / pipeline_step_time / peak_after:.1f}%, its "
+          f"samples/s {100 * pipeline_rate / synthetic_rate:.0f}% of the synthetic figure")
 
-    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU (start peak, peak after each step) |")
+    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU synthetic, peak after each step |")
     print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | {args.precision} "
-          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu:.1f}%, {100 * mfu_now:.1f}% |")
+          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu_now:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 """
 import contextlib
 import os
+import platform
 import subprocess
 import sys
 
@@ -47,35 +48,42 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    for part in ("synthetic:", "real pipeline:"):
-        line = next(line for line in lines if line.startswith(part) and "samples/s" in line)
-        assert "% MFU of the start peak" in line and "% of the peak after each step" in line and "peak memory" in line, line
+    synthetic, pipeline = (next(line for line in lines if line.startswith(part) and "samples/s" in line)
+                           for part in ("synthetic:", "real pipeline:"))
+    for line in (synthetic, pipeline):
+        assert "% MFU of the start peak" in line and "peak memory" in line, line
+    # Only synthetic steps are compared with a peak matmul beside each: the pipeline's steps run back to back.
+    assert "% of the peak after each step" in synthetic and "after each step" not in pipeline, (synthetic, pipeline)
     assert any(line.startswith("data pipeline alone:") and "images/s" in line for line in lines)
     assert any(line.startswith("peak:") and "GFLOP/s" in line for line in lines)
+    assert any(line.startswith("peak again at the end:") and "% of the synthetic figure" in line for line in lines)
     assert lines[-2].startswith("| device |") and lines[-1].startswith("| ") and lines[-1].endswith("% |")
 
 
 KEEP_FREED_MEMORY_PROBE = """
 import resource, sys, torch, train
-if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+kept = train.keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for step in range(30):  # a "step" allocates a 64 MiB activation, writes it and frees it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(2**24).fill_(1)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[-5:]))  # once settled (glibc's heap settles within the first ~10 steps)
+print(kept, sum(faults[-5:]))  # once settled: glibc's heap took 4-8 steps to settle here
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or "LD_PRELOAD" in os.environ,
+                    reason="glibc's own malloc (not one preloaded in its place, such as jemalloc or tcmalloc)")
 def test_keep_freed_memory_lets_each_step_reuse_the_pages_of_the_step_before():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_PROBE, mode], cwd=REPO, check=True,
-                                       capture_output=True, text=True, timeout=120).stdout)
-              for mode in ("default", "keep")}
-    pages = 5 * 2**26 // 4096
-    assert faults["default"] >= pages / 2, faults  # each step maps the block afresh: the kernel faults it in again
-    assert faults["keep"] < pages / 100, faults    # the same pages, already in the process
+    probe = {mode: subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_PROBE, mode], cwd=REPO, check=True,
+                                  capture_output=True, text=True, timeout=120).stdout.split()
+             for mode in ("default", "keep")}
+    assert probe["keep"][0] == "True", probe  # mallopt accepted both settings
+    faults = {mode: int(out[1]) for mode, out in probe.items()}
+    # By default each step maps the block afresh, and the kernel faults it in again: measured 16384 faults
+    # a step, one per 4 KiB page (fewer where huge pages are on). Kept, the pages are already in the process:
+    # measured 0.
+    assert faults["keep"] * 20 < faults["default"], faults
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller_but_never_below_the_smallest_crop(tmp_path):
