@@ -141,16 +141,16 @@ def measure(name, step, args, flops, peak, device, peak_now=None):
             torch.cuda.reset_peak_memory_stats(device)
         times += time_steps(step, 0, 1, device)
         memory = max(memory, peak_memory_mib(device))
-        if peak_now:
+        if peak_now is not None:
             mfus_now.append(flops / times[-1] / peak_now(1))
     step_time = statistics.median(times)
     samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
-    mfu_now = statistics.median(mfus_now) if peak_now else None
+    mfu_now = statistics.median(mfus_now) if peak_now is not None else None
+    beside = f", {100 * mfu_now:.1f}% of the peak after each step" if mfu_now is not None else ""
     print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
           f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
-          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak"
-          + (f", {100 * mfu_now:.1f}% of the peak after each step" if peak_now else "")
-          + f", peak memory {memory:.0f} MiB ({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
+          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak{beside}, peak memory {memory:.0f} MiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
     return samples_per_s, step_time, mfu_now
 
 
@@ -288,7 +288,9 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
-    freed_memory_kept = device.type == "cpu" and train.keep_freed_memory()  # as train.py
+    freed_memory_kept = False
+    if device.type == "cpu":  # as train.py
+        freed_memory_kept = train.keep_freed_memory()
     cfg = bench_config(args)
     print_setup(args, cfg, device, freed_memory_kept)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)

@@ -237,8 +237,8 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for the next step instead of handing it back to the kernel.
     By default each large block (activations, the embedding's gradient) is mapped when allocated and unmapped
     when freed, so every step faults the same pages in again, zeroed by the kernel: ~7% of an fp32 CPU step
-    of bench.py's reference configuration, whose peak memory stayed the same. Data-loader workers forked
-    later inherit it. Returns whether it took effect: other C libraries (macOS, musl) are left alone."""
+    of bench.py's reference configuration, whose peak memory stayed the same. Data-loader workers started
+    with fork inherit it. Returns whether it took effect: other C libraries (macOS, musl) are left alone."""
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
     try:
         libc = ctypes.CDLL("libc.so.6")

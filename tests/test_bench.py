@@ -72,7 +72,7 @@ print(kept, sum(faults[-5:]))  # once settled: glibc's heap took 4-8 steps to se
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or "LD_PRELOAD" in os.environ,
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or os.environ.get("LD_PRELOAD"),
                     reason="glibc's own malloc (not one preloaded in its place, such as jemalloc or tcmalloc)")
 def test_keep_freed_memory_lets_each_step_reuse_the_pages_of_the_step_before():
     probe = {mode: subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_PROBE, mode], cwd=REPO, check=True,

@@ -1,4 +1,5 @@
-"""The distributed contrastive loss against the single-process loss on the concatenated batch.
+"""The distributed contrastive loss against the single-process loss on the concatenated batch, and
+train_step's accumulation with DDP under bf16 autocast against one step on the whole batch.
 
 Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gradient averaging.
 This is the gradient table in train.contrastive_loss's docstring, proved.
