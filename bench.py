@@ -288,9 +288,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
-    freed_memory_kept = False
-    if device.type == "cpu":  # as train.py
-        freed_memory_kept = train.keep_freed_memory()
+    freed_memory_kept = train.keep_freed_memory(device)
     cfg = bench_config(args)
     print_setup(args, cfg, device, freed_memory_kept)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)

@@ -62,7 +62,7 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
 
 KEEP_FREED_MEMORY_PROBE = """
 import resource, sys, torch, train
-kept = train.keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = train.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
 faults = []
 for step in range(30):  # a "step" allocates a 64 MiB activation, writes it and frees it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
