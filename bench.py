@@ -127,8 +127,8 @@ def synthetic_batch(cfg, batch_size, device):
 
 
 def measure(name, step, args, flops, peak, device, peak_now=None):
-    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s, the step time
-    and the MFU beside each step (None without `peak_now`).
+    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s and the MFU
+    beside each step (None without `peak_now`).
     MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (its matmul peak
     here moved by up to 2x within seconds), so `peak_now`, if given, times a peak matmul right after each
     step, under the same conditions, and the median of the per-step ratios is printed too. Only for the
@@ -151,7 +151,7 @@ def measure(name, step, args, flops, peak, device, peak_now=None):
           f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
           f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak{beside}, peak memory {memory:.0f} MiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
-    return samples_per_s, step_time, mfu_now
+    return samples_per_s, mfu_now
 
 
 # ----------------------------------------------------------------------------- flags
@@ -314,7 +314,7 @@ def main(argv=None):
     batches = itertools.repeat(synthetic_batch(cfg, args.batch_size, device))
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     try:
-        synthetic_rate, _, mfu_now = measure("synthetic", step, args, flops, peak, device, peak_now)
+        synthetic_rate, mfu_now = measure("synthetic", step, args, flops, peak, device, peak_now)
     except Exception as e:
         if not args.compile:
             raise
@@ -329,11 +329,11 @@ def main(argv=None):
           f"({images_per_s / max(1, args.workers):.1f} per {'worker' if args.workers else 'main process'})")
     batches = loader(args.warmup + args.steps)
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
-    pipeline_rate, pipeline_step_time, _ = measure("real pipeline", step, args, flops, peak, device)
+    pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
     # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
-    peak_after = peak_now(10)
+    peak_after, pipeline_flops_per_s = peak_now(10), flops / args.batch_size * pipeline_rate
     print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift); "
-          f"the real pipeline's MFU against it: {100 * flops / pipeline_step_time / peak_after:.1f}%, its "
+          f"the real pipeline's MFU against it: {100 * pipeline_flops_per_s / peak_after:.1f}%, its "
           f"samples/s {100 * pipeline_rate / synthetic_rate:.0f}% of the synthetic figure")
 
     print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU synthetic, peak after each step |")
