@@ -7,25 +7,13 @@ import time
 
 import torch
 
-from conftest import REPO, STEPS, kill_job, small_run
+from conftest import REPO, STEPS, kill_job, relative_difference, small_run
 
 
 def assert_identical(a, b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs"
-
-
-def relative_difference(a, b):
-    """|a - b| / |b| over all parameters at once.
-
-    Not per tensor: the key part of in_proj_bias has an exactly zero gradient (softmax ignores a
-    constant added to every key), so its "gradient" is pure rounding noise that Adam normalises into
-    full-size steps; per tensor it differs by ~1e-3 between world sizes, while the whole model differs
-    by ~5e-7.
-    """
-    flat_a, flat_b = (torch.cat([s[k].flatten() for k in sorted(s)]) for s in (a, b))
-    return ((flat_a - flat_b).norm() / flat_b.norm()).item()
 
 
 def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(small_csv, demo_csv, uninterrupted, tmp_path):
