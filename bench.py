@@ -129,8 +129,8 @@ def synthetic_batch(cfg, batch_size, device):
 def measure(name, step, args, flops, peak, device, peak_now=None):
     """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s and the MFU
     beside each step (None without `peak_now`).
-    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (its matmul peak
-    here moved by up to 2x within seconds), so `peak_now`, if given, times a peak matmul right after each
+    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (one of ours saw its
+    matmul peak move by up to 2x within seconds), so `peak_now`, if given, times a peak matmul right after each
     step, under the same conditions, and the median of the per-step ratios is printed too. Only for the
     synthetic steps: between steps of the real pipeline, its workers would prepare batches off the clock.
     Peak memory: the most CUDA allocated within a step; on the CPU, the process's peak RSS so far."""

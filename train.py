@@ -225,7 +225,7 @@ def seed_everything(seed, deterministic):
 
 def default_precision(device):
     """bf16 autocast where the hardware multiplies bf16 natively: GPUs since Ampere, CPUs with AMX or
-    AVX512-BF16. On this project's 2-core CPU it trains the demo 1.9x faster than fp32 with the same
+    AVX512-BF16. On this project's 2-core CPUs it trains the demo 1.9-2.2x faster than fp32 with the same
     zero-shot accuracy (see README); elsewhere bf16 would be emulated and slow, so fp32."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
