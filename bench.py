@@ -145,7 +145,7 @@ def measure(name, step, args, flops, peak, device, peak_now=None):
             mfus_now.append(flops / times[-1] / peak_now(1))
     step_time = statistics.median(times)
     samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
-    mfu_now = statistics.median(mfus_now) if peak_now is not None else None
+    mfu_now = statistics.median(mfus_now) if mfus_now else None
     beside = f", {100 * mfu_now:.1f}% of the peak after each step" if mfu_now is not None else ""
     print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
           f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
@@ -331,9 +331,10 @@ def main(argv=None):
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
     # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
-    peak_after, pipeline_flops_per_s = peak_now(10), flops / args.batch_size * pipeline_rate
+    peak_after = peak_now(10)
+    pipeline_mfu = flops / args.batch_size * pipeline_rate / peak_after
     print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift); "
-          f"the real pipeline's MFU against it: {100 * pipeline_flops_per_s / peak_after:.1f}%, its "
+          f"the real pipeline's MFU against it: {100 * pipeline_mfu:.1f}%, its "
           f"samples/s {100 * pipeline_rate / synthetic_rate:.0f}% of the synthetic figure")
 
     print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU synthetic, peak after each step |")
