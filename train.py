@@ -235,14 +235,13 @@ def default_precision(device):
 
 def keep_freed_memory(device):
     """Ask glibc's malloc to keep freed memory for the next step instead of handing it back to the kernel.
-    By default each large block (activations, the embedding's gradient) is mapped when allocated and unmapped
-    when freed, so every step faults the same pages in again, zeroed by the kernel: ~7% of an fp32 CPU step
-    of bench.py's reference configuration, whose peak memory stayed the same. Data-loader workers started
-    with fork inherit it. Returns whether it took effect: other C libraries (macOS, musl) are left alone,
-    and so are GPU runs, whose activations live in CUDA's caching allocator, not in malloc's."""
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+    By default each large block (activations, the embedding's gradient) is unmapped when freed, so every step
+    faults the same pages in again, zeroed by the kernel: ~7% of an fp32 CPU step of bench.py's reference
+    configuration, at the same peak memory. Data-loader workers started with fork inherit it. Returns whether
+    it took effect: GPU runs (activations in CUDA's caching allocator) and other C libraries are left alone."""
     if device.type != "cpu":
         return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
     try:
         libc = ctypes.CDLL("libc.so.6")
         # Large blocks come from the heap too, where freed memory is reused; the heap shrinks only when
