@@ -29,7 +29,10 @@ import torch
 from PIL import Image
 
 import data
+import demo_data
+import plumbing
 import train
+from plumbing import UsageError
 from model import CLIP, model_config
 
 
@@ -186,7 +189,7 @@ def parse_args(argv=None):
     a("--checks", action="store_true", help="instead: time the bad-input checks of data.py (per image, per row)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.threads, args.world_size) < 1 or min(args.warmup, args.workers) < 0:
-        raise SystemExit("error: --batch-size, --steps, --threads and --world-size must be at least 1, "
+        raise UsageError("--batch-size, --steps, --threads and --world-size must be at least 1, "
                          "--warmup and --workers at least 0.")
     return args
 
@@ -209,10 +212,10 @@ def as_train_args(args):
 
 def demo_loaders(cfg, train_args, device):
     """A function of the step count -> an iterator over demo batches, built as train.py builds its loader."""
-    csv_path = data.ensure_demo_data()
+    csv_path = demo_data.ensure_demo_data()
     rows, batch_size = data.read_csv(csv_path), train_args.batch_size
     if len(rows) < batch_size:
-        raise SystemExit(f"the demo dataset has {len(rows)} pairs, fewer than --batch-size {batch_size}.")
+        raise UsageError(f"the demo dataset has {len(rows)} pairs, fewer than --batch-size {batch_size}.")
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
         tokenizer = data.load_tokenizer(tokenizer_dir)
@@ -241,7 +244,7 @@ def data_pipeline_rate(loader, batch_size, workers, steps):
 
 def checks_overhead():
     """What the robustness checks of data.py cost the happy path: per image and per CSV row at start-up."""
-    csv_path = data.ensure_demo_data()
+    csv_path = demo_data.ensure_demo_data()
     root, rows = os.path.dirname(csv_path), data.read_csv(csv_path)[:600]
     max_pixels = train.parse_args([]).max_image_pixels
     def per_image(load):  # decode + train transform of 600 demo JPEGs, one thread
@@ -271,7 +274,7 @@ def print_setup(args, cfg, device, freed_memory_kept):
     print(f"model {args.model}: {asdict(cfg)}")
     if device.type == "cpu":
         print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; freed memory "
-              f"kept for reuse (train.keep_freed_memory): {freed_memory_kept}")
+              f"kept for reuse (plumbing.keep_freed_memory): {freed_memory_kept}")
     # The global loss scores all N*B samples against all N*B on every rank; the local loss only its B rows.
     world_batch, mib = args.world_size * args.batch_size, 4 / 2**20
     print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: global "
@@ -288,7 +291,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
-    freed_memory_kept = train.keep_freed_memory(device)
+    freed_memory_kept = plumbing.keep_freed_memory(device)
     cfg = bench_config(args)
     print_setup(args, cfg, device, freed_memory_kept)
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
@@ -319,7 +322,7 @@ def main(argv=None):
         if not args.compile:
             raise
         reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise SystemExit(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). Run without "
+        raise UsageError(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). Run without "
                          "--compile, or fix the cause (on the CPU, Inductor needs a C++ compiler).")
 
     # --- 2. the data pipeline alone, then training on it
@@ -343,4 +346,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_main(main)

@@ -26,7 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import data
+import demo_data
+import plumbing
 from model import CLIP, run_tokenizer_folder
+from plumbing import UsageError
 
 # The Quilt-1M evaluation's class names and prompt templates. Keys are the released folder names (or
 # PCam's label values): the mapping to class names is explicit, never by sort order.
@@ -62,7 +65,7 @@ def lc25000_samples(task, root, folders=None):
     """[(image path, label)], label = the folder's position in `folders` (explicit, never sort order).
     LC25000 is found from its top folder or the task's subfolder; an image folder (--classnames) at root."""
     if task not in LC25000_SUBFOLDER and folders is None:
-        raise SystemExit(f"--dataset {task}={root}: unknown task; choose from {', '.join(TASKS)}, or map an image "
+        raise UsageError(f"--dataset {task}={root}: unknown task; choose from {', '.join(TASKS)}, or map an image "
                          f"folder's subfolders to class names with --classnames {task}=FILE.json.")
     folders = folders or TASKS[task]
     bases = [os.path.join(root, LC25000_SUBFOLDER[task])] if task in LC25000_SUBFOLDER else []
@@ -72,10 +75,10 @@ def lc25000_samples(task, root, folders=None):
                        for file in sorted(os.listdir(os.path.join(base, name)))
                        if file.lower().endswith(IMAGE_EXTENSIONS)]
             if empty := [name for label, name in enumerate(folders) if label not in {s[1] for s in samples}]:
-                raise SystemExit(f"{task}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(empty)}.")
+                raise UsageError(f"{task}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(empty)}.")
             return samples
     layout = (f"lung_colon_image_set/{LC25000_SUBFOLDER[task]}/" if bases else "") + f"{{{','.join(folders)}}}/*.jpeg"
-    raise SystemExit(f"{task}={root}: expected the layout {layout}" + (" (the top folder or its subfolder)." if bases else "."))
+    raise UsageError(f"{task}={root}: expected the layout {layout}" + (" (the top folder or its subfolder)." if bases else "."))
 
 
 class ImageListDataset(Dataset):
@@ -104,7 +107,7 @@ class PcamDataset(Dataset):
                 assert x_file["x"].shape[0] == len(self.labels), "as many patches as labels"
         except (OSError, KeyError, AssertionError) as e:
             reason = "a file is missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-            raise SystemExit(f"pcam={root}: cannot read the {split} split ({reason}); expected PatchCamelyon's "
+            raise UsageError(f"pcam={root}: cannot read the {split} split ({reason}); expected PatchCamelyon's "
                              "camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 files (gunzipped).")
         self.transform, self.file, self.file_pid = transform, None, None
         self.fingerprint = files_fingerprint([self.x_path, y_path], parts=1)
@@ -125,7 +128,7 @@ def load_dataset(task, root, folders=None, split="test", transform=None):
     return ImageListDataset(lc25000_samples(task, root, folders), transform)
 
 def demo_datasets():
-    root = os.path.dirname(data.ensure_demo_data())
+    root = os.path.dirname(demo_data.ensure_demo_data())
     return {"pcam": os.path.join(root, "pcam"), **dict.fromkeys(LC25000_SUBFOLDER, os.path.join(root, "lung_colon_image_set"))}
 
 def stratified_split(labels, fraction, seed):
@@ -175,14 +178,14 @@ def encode_images(model, dataset, device, batch_size=256, workers=2):
     return torch.cat(features), torch.cat(labels)
 
 def write_json(path, obj):
-    data.write_json(path, obj)
+    plumbing.write_json(path, obj)
     print(f"wrote {path}")
 
 def read_json(path, flag):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{flag}: cannot read {path} ({e}).")
+        raise UsageError(f"{flag}: cannot read {path} ({e}).")
 
 def cached_features(model, dataset, device, checkpoint_sha256, cache_dir, batch_size, workers):
     """encode_images, kept on disk per (checkpoint sha256, dataset fingerprint, device type): the probe's
@@ -193,7 +196,7 @@ def cached_features(model, dataset, device, checkpoint_sha256, cache_dir, batch_
         if torch.equal(cached["labels"], dataset.labels):
             return cached["features"], cached["labels"]
     features, labels = encode_images(model, dataset, device, batch_size, workers)
-    data.atomic_write(path, lambda tmp: torch.save({"features": features, "labels": labels}, tmp))
+    plumbing.atomic_write(path, lambda tmp: torch.save({"features": features, "labels": labels}, tmp))
     return features, labels
 
 
@@ -275,11 +278,11 @@ def linear_probe(train, valid, test, num_classes, refit, device):
 # ----------------------------------------------------------------------------- checkpoints and the multi-seed study
 
 def checkpoint_sha256(path):
-    """data.file_sha256 of a weights file; for a Hugging Face CLIPModel folder, a sha256 over its files' ones."""
+    """plumbing.file_sha256 of a weights file; for a Hugging Face CLIPModel folder, a sha256 over its files' ones."""
     if os.path.isfile(path):
-        return data.file_sha256(path)
+        return plumbing.file_sha256(path)
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
-    return hashlib.sha256("".join(f"{f}\t{data.file_sha256(os.path.join(path, f))}\n" for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{f}\t{plumbing.file_sha256(os.path.join(path, f))}\n" for f in files).encode()).hexdigest()
 
 def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     """Zero-shot and linear probe of one checkpoint on every dataset, as a JSON-ready dict headed by `request`."""
@@ -288,7 +291,7 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     model = CLIP.from_pretrained(checkpoint).to(device)
     tokenizer_dir = args.tokenizer or run_tokenizer_folder(checkpoint)
     if not tokenizer_dir:
-        raise SystemExit(f"{checkpoint} is not in one of our run folders: pass --tokenizer DIR.")
+        raise UsageError(f"{checkpoint} is not in one of our run folders: pass --tokenizer DIR.")
     tokenizer = data.load_tokenizer(tokenizer_dir)
     result = {"checkpoint": os.path.abspath(checkpoint), **request,
               "tokenizer_sha256": data.tokenizer_fingerprint(tokenizer), "datasets": {}}
@@ -420,7 +423,7 @@ def main(argv=None):
     runs = args.runs or [args.checkpoint]
     checkpoints = [os.path.join(run, "checkpoints", "latest.pt") for run in args.runs] if args.runs else runs
     for checkpoint in filter(lambda c: not os.path.exists(c), checkpoints):
-        raise SystemExit(f"{checkpoint}: not found" + ("; expected run folders of train.py." if args.runs else "."))
+        raise UsageError(f"{checkpoint}: not found" + ("; expected run folders of train.py." if args.runs else "."))
     groups, results = group_runs(args.runs) if args.runs else [(args.checkpoint, runs)], {}
     for run, checkpoint in zip(runs, checkpoints):
         stored_path = os.path.splitext(checkpoint)[0] + ".eval.json"  # RUN/checkpoints/latest.eval.json
@@ -445,4 +448,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_main(main)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 
+from plumbing import UsageError, run_main
+
 
 @dataclass
 class CLIPConfig:
@@ -55,7 +57,7 @@ def model_config(name_or_path):
     if name_or_path in PRESETS:
         return CLIPConfig(**asdict(PRESETS[name_or_path]))
     if not os.path.isfile(name_or_path):
-        raise SystemExit(f"--model {name_or_path}: not a preset ({', '.join(PRESETS)}) nor a JSON file.")
+        raise UsageError(f"--model {name_or_path}: not a preset ({', '.join(PRESETS)}) nor a JSON file.")
     with open(name_or_path) as f:
         cfg = json.load(f)
     try:
@@ -67,7 +69,7 @@ def model_config(name_or_path):
             vocab_size=text.get("vocab_size", 49408), text_width=text["width"], text_heads=text["heads"],
             text_layers=text["layers"], quick_gelu=cfg.get("quick_gelu", False))
     except (KeyError, TypeError) as e:
-        raise SystemExit(f"--model {name_or_path}: missing key {e} (expected OpenCLIP's layout: embed_dim, "
+        raise UsageError(f"--model {name_or_path}: missing key {e} (expected OpenCLIP's layout: embed_dim, "
                          "vision_cfg{image_size,patch_size,width,layers}, text_cfg{width,heads,layers}).")
 
 
@@ -206,7 +208,7 @@ def hf_to_openai(hf, source):
     state_dict = {k: v for k, v in hf.items() if k not in used}  # left-overs: from_pretrained refuses them
     for ours, theirs in key_map.items():
         if any(name not in hf or hf[name].shape != hf[theirs[0]].shape for name in theirs):
-            raise SystemExit(f"{source}: {' or '.join(theirs)} missing, or q, k, v of unequal shapes.")
+            raise UsageError(f"{source}: {' or '.join(theirs)} missing, or q, k, v of unequal shapes.")
         tensor = torch.cat([hf[name] for name in theirs]) if len(theirs) > 1 else hf[theirs[0]]
         state_dict[ours] = tensor.T if ours in TRANSPOSED else tensor
     return state_dict
@@ -221,7 +223,7 @@ def infer_config(state_dict, folder, hf_names):
     hints = dict(quick_gelu=True, vision_head_width=64, text_heads=text_width // 64)  # OpenAI's, so QuiltNet's
     if hf_names and os.path.isfile(os.path.join(folder, "config.json")):  # transformers knows its defaults
         import transformers
-        config = transformers.CLIPConfig.from_pretrained(folder)
+        config = transformers.CLIPConfig.from_pretrained(folder, local_files_only=True)
         vision, text = config.vision_config, config.text_config
         hints = dict(quick_gelu=text.hidden_act == "quick_gelu", text_heads=text.num_attention_heads,
                      vision_head_width=vision.hidden_size // vision.num_attention_heads)
@@ -252,12 +254,14 @@ def read_weights_file(path):
         if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             # A TorchScript archive is a program (torch.jit.load runs its __setstate__): we open OpenAI's only.
             if hashlib.file_digest(open(path, "rb"), "sha256").hexdigest() not in OPENAI_JIT_SHA256:
-                raise SystemExit(f"{path}: a TorchScript archive that OpenAI did not publish; if you trust it, save "
+                raise UsageError(f"{path}: a TorchScript archive that OpenAI did not publish; if you trust it, save "
                                  "its weights first: torch.save(torch.jit.load(PATH).state_dict(), OUT).")
             return torch.jit.load(path, map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except UsageError:
+        raise
     except Exception as e:  # truncated, or not a weights file at all: say so in one line
-        raise SystemExit(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:160]!r}).")
+        raise UsageError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:160]!r}).")
 
 
 def read_pretrained(path):
@@ -268,7 +272,7 @@ def read_pretrained(path):
                      if os.path.isfile(os.path.join(path, name))), os.path.join(path, "model.safetensors"))
     checkpoint = read_weights_file(path)
     if not isinstance(checkpoint, dict):
-        raise SystemExit(f"{path}: holds a {type(checkpoint).__name__}, not a state dict.")
+        raise UsageError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict.")
     if "model" in checkpoint and "config" in checkpoint:  # one of ours: train.py's save_checkpoint
         return checkpoint["model"], CLIPConfig(**checkpoint["config"])
     # Unwrap OpenCLIP's training checkpoints; strip DDP's and torch.compile's prefixes; drop what is no weight:
@@ -283,7 +287,7 @@ def read_pretrained(path):
     try:
         return state_dict, infer_config(state_dict, os.path.dirname(path), hf_names)
     except (KeyError, ValueError, AttributeError) as e:
-        raise SystemExit(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF ({type(e).__name__}: {e!s:.160}).")
+        raise UsageError(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF ({type(e).__name__}: {e!s:.160}).")
 
 
 def run_tokenizer_folder(checkpoint):
@@ -362,7 +366,7 @@ class CLIP(nn.Module):
         for key in sorted(expected.keys() | state_dict.keys()):
             found, needed = (tuple(d[key].shape) if key in d else "nothing" for d in (state_dict, expected))
             if found != needed:
-                raise SystemExit(f"{path}: {key} is {found}, where a CLIP of the sizes it implies needs {needed}.")
+                raise UsageError(f"{path}: {key} is {found}, where a CLIP of the sizes it implies needs {needed}.")
         model.load_state_dict(state_dict)
         return model.eval()
 
@@ -393,8 +397,13 @@ def export_hf(checkpoint, out_dir):
         shutil.copytree(run_tokenizer_folder(checkpoint), out_dir, dirs_exist_ok=True)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel.")
+    parser = argparse.ArgumentParser(
+        description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel folder.")
     parser.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True)
-    export_hf(*parser.parse_args().export_hf)
+    export_hf(*parser.parse_args(argv).export_hf)
+
+
+if __name__ == "__main__":
+    run_main(main)

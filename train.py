@@ -35,8 +35,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import demo_data
 import evaluate
+import plumbing
 from model import CLIP, model_config, read_weights_file, run_tokenizer_folder
+from plumbing import UsageError
 
 
 # ----------------------------------------------------------------------------- the distributed loss
@@ -172,7 +175,7 @@ def parse_args(argv=None):
                         (args.workers >= 0, "--workers cannot be negative"),
                         (args.resume != "auto" or args.output_dir, "--resume auto needs the --output-dir of the run")]:
         if not ok:
-            raise SystemExit(f"error: {message}.")
+            raise UsageError(f"{message}.")
     if args.lr < 5e-5:
         print(f"warning: --lr {args.lr} is below 5e-5, which the study found degrades every dataset (RULE 6).")
     if args.local_loss and not args.gather_with_grad:
@@ -181,30 +184,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- set-up
-
-def setup_distributed():
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python train.py` is world size 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # RULE 8: torchrun lends us its own store, which outlives an elastic restart with the dead group's addresses
-    # in it, so each attempt keys its group apart by its restart count. That count is one node's own: restarts
-    # on several nodes need torchrun to start a fresh store for each attempt instead.
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    several_nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
-    if shared and several_nodes and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
-        raise SystemExit("--max-restarts on several nodes: start torchrun with --rdzv-backend=c10d and with "
-                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, or a restart would hang (README)")
-    store = next(dist.rendezvous("env://"))[0]
-    if shared:
-        store = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
-                            device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
 
 def seed_everything(seed, deterministic):
     # RULE 1: seed python, numpy and torch (CPU and every GPU) with the run's seed, on every rank, so
@@ -231,24 +210,6 @@ def default_precision(device):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     cpu_flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     return "bf16" if {"amx_bf16", "avx512_bf16"} & set(cpu_flags) else "fp32"
-
-
-def keep_freed_memory(device):
-    """Ask glibc's malloc to keep freed memory for the next step instead of handing it back to the kernel.
-    By default each large block (activations, the embedding's gradient) is unmapped when freed, so every step
-    faults the same pages in again, zeroed by the kernel: ~7% of an fp32 CPU step of bench.py's reference
-    configuration, at the same peak memory. Data-loader workers started with fork inherit it. Returns whether
-    it took effect: GPU runs (activations in CUDA's caching allocator) and other C libraries are left alone."""
-    if device.type != "cpu":
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # Large blocks come from the heap too, where freed memory is reused; the heap shrinks only when
-        # 1 GiB at its top is free. mallopt returns 1 on success.
-        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**30) == 1
-    except (OSError, AttributeError):  # no libc.so.6, or one without mallopt
-        return False
 
 
 def cosine_lr(step, base_lr, warmup, total_steps):
@@ -297,13 +258,13 @@ def save_checkpoint(run_dir, checkpoint, keep=2):
     """checkpoints/step_<N>.pt, then latest.pt pointing at it; older step files beyond `keep` go."""
     folder = os.path.join(run_dir, "checkpoints")
     path = os.path.join(folder, f"step_{checkpoint['step']}.pt")
-    data.atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    plumbing.atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     def link_latest(tmp):  # a hard link costs no second copy; fall back to a copy where links fail
         try:
             os.link(path, tmp)
         except OSError:
             torch.save(checkpoint, tmp)
-    data.atomic_write(os.path.join(folder, "latest.pt"), link_latest)
+    plumbing.atomic_write(os.path.join(folder, "latest.pt"), link_latest)
     for old in [p for _, p in sorted(step_checkpoints(folder))[:-keep]]:
         os.remove(old)
 
@@ -320,26 +281,9 @@ def find_resume_checkpoint(run_dir):
     for step, path in sorted(step_checkpoints(os.path.join(run_dir, "checkpoints")), reverse=True):
         try:
             return path, read_weights_file(path)
-        except SystemExit as e:
+        except UsageError as e:
             print(f"warning: skipping {e}")
     return None, None
-
-
-def environment(device):
-    """Library versions, the code's git commit and the hardware: for the manifest (RULE 9)."""
-    import PIL, tokenizers, torchvision, transformers
-    def git(*cmd):
-        out = subprocess.run(["git", *cmd], cwd=data.REPO_DIR, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-    cuda = torch.cuda.is_available()
-    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "transformers": transformers.__version__,
-                         "tokenizers": tokenizers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-                         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-                         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None},
-            "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
-            "device": {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
-                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}}
 
 
 # ----------------------------------------------------------------------------- training
@@ -382,38 +326,17 @@ def optimizer_step(model, optimizer, args):
     model.clamp_logit_scale()
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def min_over_ranks(tensor):
-    """`tensor` replaced, in place, by its minimum over all ranks: a bool stays true only if true on every rank."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
-
-
-def gather_objects(value):
-    """[value of rank 0, value of rank 1, ...] on every rank."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 def make_run_dir(args):
     """The run folder, the same on every rank; a folder with checkpoints is only continued with --resume."""
-    run_dir = args.output_dir or gather_objects(os.path.join(
+    run_dir = args.output_dir or plumbing.gather_objects(os.path.join(
         "runs", f"{os.path.basename(args.model).removesuffix('.json')}-seed{args.seed}-"
         f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"))[0]
     if not args.resume and step_checkpoints(os.path.join(run_dir, "checkpoints")):
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or another --output-dir.")
+        raise UsageError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or another --output-dir.")
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--output-dir {run_dir}: cannot create it ({e.strerror}). Choose a writable folder.")
+        raise UsageError(f"--output-dir {run_dir}: cannot create it ({e.strerror}). Choose a writable folder.")
     return run_dir
 
 
@@ -423,14 +346,14 @@ def usable_samples(args, rows, image_root, run_dir, rank, world):
     if not (args.check_data or args.bad_samples == "skip"):
         return range(len(rows))
     # Each rank reads its share of the images (with its workers); everybody gets the whole list.
-    parts = gather_objects(data.find_bad_samples(rows, range(rank, len(rows), world), image_root, args.workers,
+    parts = plumbing.gather_objects(data.find_bad_samples(rows, range(rank, len(rows), world), image_root, args.workers,
                                                  args.max_image_pixels))
     bad = {index: reason for part in parts for index, reason in part.items()}
     if rank == 0:
-        data.write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
+        plumbing.write_json(os.path.join(run_dir, "bad_samples.json"), {f"data row {i + 1}": bad[i] for i in sorted(bad)})
     if bad and args.bad_samples == "error":
         first = min(bad)
-        raise SystemExit(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} ({rows[first][0]}): "
+        raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} ({rows[first][0]}): "
                          f"{bad[first]}. All are in {run_dir}/bad_samples.json: fix them or pass --bad-samples skip.")
     return [i for i in range(len(rows)) if i not in bad]
 
@@ -441,7 +364,7 @@ def load_tokenizer_and_model(args, rows, run_dir, is_main):
     if args.pretrained and not args.tokenizer:
         args.tokenizer = run_tokenizer_folder(args.pretrained)
         if not args.tokenizer:
-            raise SystemExit(f"--pretrained {args.pretrained} is not one of our run checkpoints: pass --tokenizer DIR, "
+            raise UsageError(f"--pretrained {args.pretrained} is not one of our run checkpoints: pass --tokenizer DIR, "
                              "the tokenizer folder published with these weights (vocab.json + merges.txt).")
     model = CLIP.from_pretrained(args.pretrained).train() if args.pretrained else None
     cfg = model.config if model else model_config(args.model)
@@ -449,16 +372,16 @@ def load_tokenizer_and_model(args, rows, run_dir, is_main):
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if is_main and not os.path.isdir(tokenizer_dir):
         if args.tokenizer:
-            data.atomic_write(tokenizer_dir, data.load_tokenizer(args.tokenizer).save_pretrained)
+            plumbing.atomic_write(tokenizer_dir, data.load_tokenizer(args.tokenizer).save_pretrained)
         else:
             data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
-    barrier()
+    plumbing.barrier()
     tokenizer = data.load_tokenizer(tokenizer_dir)
     if not args.tokenizer and not model:
         cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
     elif len(tokenizer) > cfg.vocab_size:
         weights = f"--pretrained {args.pretrained}" if args.pretrained else f"--model {args.model}"
-        raise SystemExit(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; {weights} "
+        raise UsageError(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens; {weights} "
                          f"embeds only {cfg.vocab_size}.")
     torch.manual_seed(args.seed)  # RULE 1: the initial weights depend on the seed alone, whatever ran before
     return tokenizer, model or CLIP(cfg)
@@ -466,30 +389,33 @@ def load_tokenizer_and_model(args, rows, run_dir, is_main):
 
 def next_micro_batches(batches, accum_steps, device):
     """The next global batch's micro-batches on `device`; a bad sample stops the run with its row."""
-    try:
-        return [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(accum_steps)]
-    except data.BadSampleError as e:  # from a worker process it arrives wrapped around a traceback
-        raise SystemExit(f"{str(e).strip().splitlines()[-1].removeprefix('data.BadSampleError: ')}") from None
+    micro_batches = []
+    for _ in range(accum_steps):
+        batch = next(batches)
+        if isinstance(batch, data.BadSample):
+            raise UsageError(batch.message)
+        micro_batches.append([t.to(device, non_blocking=True) for t in batch])
+    return micro_batches
 
 
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    rank, world, device = setup_distributed()
+    rank, world, device = plumbing.setup_distributed()
     is_main = rank == 0
     seed_everything(args.seed, args.deterministic)
-    keep_freed_memory(device)
+    plumbing.keep_freed_memory(device)
     args.precision = args.precision or default_precision(device)
 
     # --- the run folder and the data; the demo dataset is generated by rank 0 while the others wait
     run_dir = make_run_dir(args)
     if is_main:
-        data.remove_leftovers(run_dir)  # of writes a killed run left midway (checkpoints, tokenizer, manifest, log)
+        plumbing.remove_leftovers(run_dir)  # of writes a killed run left midway (checkpoints, tokenizer, manifest, log)
     if args.train_data is None:
         if is_main:
-            data.ensure_demo_data()
-        barrier()
-        args.train_data = data.ensure_demo_data()
+            demo_data.ensure_demo_data()
+        plumbing.barrier()
+        args.train_data = demo_data.ensure_demo_data()
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.train_data))
     rows = data.read_csv(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     samples = usable_samples(args, rows, image_root, run_dir, rank, world)
@@ -503,7 +429,7 @@ def main(argv=None):
     global_batch = args.batch_size * world * args.accum_steps
     steps_per_epoch = len(samples) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.train_data} has {len(samples)} usable rows, fewer than one global batch of "
+        raise UsageError(f"{args.train_data} has {len(samples)} usable rows, fewer than one global batch of "
                          f"{global_batch} (--batch-size {args.batch_size} x {world} processes x "
                          f"--accum-steps {args.accum_steps}). Lower --batch-size.")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -541,19 +467,19 @@ def main(argv=None):
             "world_size": world, "global_batch_size": global_batch, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "warmup_steps": warmup,
             "train_data": {"path": os.path.abspath(args.train_data), "rows": len(rows), "bad_rows": len(rows) - len(samples),
-                           "sha256": data.file_sha256(args.train_data)},
+                           "sha256": plumbing.file_sha256(args.train_data)},
             "tokenizer": {"path": os.path.abspath(args.tokenizer or os.path.join(run_dir, "tokenizer")), "vocab_size": len(tokenizer),
                           "sha256": data.tokenizer_fingerprint(tokenizer)},
             "determinism": {"deterministic": args.deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
                             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                             "cudnn_benchmark": torch.backends.cudnn.benchmark},
-            **environment(device),
+            **plumbing.environment(device),
             "started": manifest.get("started", datetime.datetime.now().isoformat()),
         })
-        data.write_json(manifest_path, manifest)
+        plumbing.write_json(manifest_path, manifest)
         if os.path.exists(log_path):  # lines a killed run wrote after its last checkpoint are redone
             lines = [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
-            data.atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
+            plumbing.atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(lines))
         print(f"run folder {run_dir}: {len(samples)} pairs, {world} process(es) x {args.batch_size} x "
               f"{args.accum_steps} = global batch {global_batch}, {total_steps} steps")
 
@@ -569,11 +495,11 @@ def main(argv=None):
             group["lr"] = lr
         loss = train_step(ddp_model, next_micro_batches(batches, args.accum_steps, device), args, autocast)
         done, finite = step + 1, torch.isfinite(loss)
-        if args.skip_nonfinite and not min_over_ranks(finite):  # deciding costs a sync per step: only when asked
+        if args.skip_nonfinite and not plumbing.min_over_ranks(finite):  # deciding costs a sync per step: only when asked
             skipped.append(done)
             optimizer.zero_grad(set_to_none=True)
             if len(skipped) > args.skip_nonfinite:
-                raise SystemExit(f"error: non-finite loss at steps {skipped}, more than --skip-nonfinite "
+                raise UsageError(f"non-finite loss at steps {skipped}, more than --skip-nonfinite "
                                  f"{args.skip_nonfinite}; the last good checkpoint is kept in {run_dir}/checkpoints.")
         else:
             first_bad_step = torch.minimum(first_bad_step, torch.where(finite, no_bad_step, done))
@@ -582,8 +508,8 @@ def main(argv=None):
 
         log_now, save_now = done % args.log_every == 0 or done == total_steps, done % save_every == 0 or done == total_steps
         if log_now or save_now:  # the only synchronisations in the loop; never save a non-finite model
-            if min_over_ranks(first_bad_step).item() != no_bad_step:
-                raise SystemExit(f"error: the loss was not finite at step {first_bad_step.item()}; the last good "
+            if plumbing.min_over_ranks(first_bad_step).item() != no_bad_step:
+                raise UsageError(f"the loss was not finite at step {first_bad_step.item()}; the last good "
                                  f"checkpoint is kept in {run_dir}/checkpoints. Lower --lr, set --grad-clip-norm, "
                                  "or pass --skip-nonfinite N.")
         if log_now:
@@ -603,7 +529,7 @@ def main(argv=None):
                 save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "step": done, "epoch": done // steps_per_epoch, "config": vars(cfg),
                                           "args": vars(args), "rng": rng_states(), "skipped_steps": skipped})
-            barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
+            plumbing.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
     progress.close()
 
     # --- the end: fingerprint the weights, close the manifest, and score the demo
@@ -612,13 +538,13 @@ def main(argv=None):
         print(f"final weights sha256 {sha}")
         manifest.update({"final_weights_sha256": sha, "finished": datetime.datetime.now().isoformat(),
                          "wall_time_s": round(time.time() - started, 1), "skipped_nonfinite_steps": skipped})
-        if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(data.DEMO_DIR, "train.csv")):
+        if os.path.abspath(args.train_data) == os.path.abspath(os.path.join(demo_data.DEMO_DIR, "train.csv")):
             manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
-        data.write_json(manifest_path, manifest)
+        plumbing.write_json(manifest_path, manifest)
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_main(main)

@@ -52,8 +52,8 @@ def kill_job(job):
 
 @pytest.fixture(scope="session")
 def demo_csv():
-    import data
-    return data.ensure_demo_data()
+    import demo_data
+    return demo_data.ensure_demo_data()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import demo_data
+import plumbing
 import train
 from model import CLIP, CLIPConfig, model_config
 
@@ -61,8 +63,8 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
 
 
 KEEP_FREED_MEMORY_PROBE = """
-import resource, sys, torch, train
-kept = train.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
+import resource, sys, torch, plumbing
+kept = plumbing.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
 faults = []
 for step in range(30):  # a "step" allocates a 64 MiB activation, writes it and frees it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -90,7 +92,7 @@ def test_jpeg_draft_decodes_large_jpegs_smaller_but_never_below_the_smallest_cro
     import data
     import numpy as np
     from PIL import Image
-    tile = data.render_tile(np.random.default_rng(0), "colon_aca")
+    tile = demo_data.render_tile(np.random.default_rng(0), "colon_aca")
     Image.fromarray(tile).resize((1600, 1200)).save(tmp_path / "big.jpg", quality=90)
     Image.fromarray(tile).resize((1600, 1200)).save(tmp_path / "big.png")
     draft_size = data.CsvDataset([], "", None, 224, 77, 0.8, 0).draft_size  # default: no draft

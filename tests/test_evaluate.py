@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from plumbing import UsageError
 
 LC25000_FOLDERS = {"lung_image_sets": ["lung_aca", "lung_n", "lung_scc"], "colon_image_sets": ["colon_aca", "colon_n"]}
 
@@ -133,9 +134,9 @@ def test_a_broken_or_missing_dataset_path_gives_a_one_line_error(tmp_path, case)
                   "lc25000 class missing": ("lc25000_colon", tmp_path / "lc"),
                   "pcam file missing": ("pcam", tmp_path / "pcam"), "pcam not hdf5": ("pcam", tmp_path / "pcam"),
                   "unknown task": ("lc25000", tmp_path / "lc")}[case]
-    with pytest.raises(SystemExit) as error:  # the datasets are checked before the (missing) checkpoint
+    with pytest.raises(UsageError) as error:  # the datasets are checked before the (missing) checkpoint
         evaluate.main(["--checkpoint", str(tmp_path / "none.pt"), "--dataset", f"{flag}={path}"])
-    message = str(error.value.code)
+    message = str(error.value)
     assert "\n" not in message and str(path) in message, message
 
 

@@ -7,6 +7,7 @@ import torch
 
 import data
 from model import CLIP, Attention, model_config
+from plumbing import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_openclip_model_config_json_is_accepted(tmp_path):
     assert (cfg.image_size, cfg.vision_layers, cfg.text_heads, cfg.quick_gelu) == (32, 2, 2, True)
     model = CLIP(cfg)
     assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 64)
-    with pytest.raises(SystemExit, match="not a preset"):
+    with pytest.raises(UsageError, match="not a preset"):
         model_config(str(tmp_path / "missing.json"))
 
 

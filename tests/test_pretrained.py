@@ -25,6 +25,7 @@ import data
 import model
 from conftest import REPO, run_train
 from model import CLIP, OPENAI_JIT_SHA256
+from plumbing import UsageError
 
 CONTEXT_LENGTH = 24
 CAPTIONS = ["the thin man", "An H&E stained section of colon adenocarcinoma.", "tumour"]
@@ -127,9 +128,9 @@ def save_as_run_checkpoint(ours, tokenizer_dir, run_dir):
 
 
 def one_line_exit(call, *needles):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UsageError) as exit_info:
         call()
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert "\n" not in message and all(needle in message for needle in needles), message
     return message
 

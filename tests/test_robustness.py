@@ -19,14 +19,16 @@ import torch
 from PIL import Image
 
 import data
+import plumbing
 import train
 from conftest import REPO, STEPS, kill_job, run_train, small_run
+from plumbing import UsageError
 
 
 def one_line_exit(call, *args, **kwargs):
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(UsageError) as error:
         call(*args, **kwargs)
-    message = str(error.value.code)
+    message = str(error.value)
     assert "\n" not in message and "Traceback" not in message
     return message
 
@@ -125,7 +127,7 @@ def messy_csv(demo_csv, tmp_path_factory):
 def test_a_bad_image_stops_the_run_with_its_row(messy_csv, tmp_path):
     result = run_train("--train-data", messy_csv, "--allow-absolute-paths", "--batch-size", 26, "--max-steps", 1,
                        "--workers", 1, "--output-dir", tmp_path / "run", check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert any("data row 1" in line and "--bad-samples skip" in line for line in result.stderr.splitlines())
     assert "Traceback" not in result.stderr
 
@@ -143,7 +145,7 @@ def test_bad_samples_skip_is_decided_before_training_and_deterministic(messy_csv
         assert json.load(open(tmp_path / name / "manifest.json"))["train_data"]["bad_rows"] == 3
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     checked = run_train(*flags[:-4], "--check-data", "--output-dir", tmp_path / "c", check=False)
-    assert checked.returncode == 1 and "3 bad rows; data row 11" in checked.stderr
+    assert checked.returncode == 2 and "3 bad rows; data row 11" in checked.stderr
 
 
 # ----------------------------------------------------------------------------- flags
@@ -169,18 +171,18 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     target = tmp_path / "step_2.pt"
     torch.save({"step": 2}, target)
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time; sys.path.insert(0, {REPO!r}); import data
+import sys, time; sys.path.insert(0, {REPO!r}); import plumbing
 def slow(tmp):
     open(tmp, "wb").write(b"half a checkpoint")
     print("writing", flush=True); time.sleep(60)
-data.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
+plumbing.atomic_write({str(target)!r}, slow)"""], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert torch.load(target, weights_only=True) == {"step": 2}
     (tmp_path / "tokenizer.tmp123").mkdir()  # and a killed run's half-written tokenizer folder
     (tmp_path / "tokenizer.tmp123" / "vocab.json").write_text("{")
-    data.remove_leftovers(tmp_path)  # what the next run does first
+    plumbing.remove_leftovers(tmp_path)  # what the next run does first
     assert sorted(os.listdir(tmp_path)) == ["step_2.pt"]
     os.makedirs(tmp_path / "run" / "checkpoints")
     os.replace(target, tmp_path / "run" / "checkpoints" / "step_2.pt")
@@ -205,7 +207,7 @@ def test_a_full_disk_gives_a_clear_message_and_keeps_the_old_checkpoint(tmp_path
         os.makedirs(tmp)
         (Path(tmp) / "vocab.json").write_text("{")
         raise OSError(28, "No space left on device")
-    assert "No space left on device" in one_line_exit(data.atomic_write, str(tmp_path / "tokenizer"), half_a_tokenizer)
+    assert "No space left on device" in one_line_exit(plumbing.atomic_write, str(tmp_path / "tokenizer"), half_a_tokenizer)
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
@@ -219,7 +221,7 @@ def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(smal
     common = ["--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 8,
               "--max-steps", 6, "--save-every", 1, "--workers", 0]
     result = run_train(*common, "--lr", "1e30", "--warmup", 0, "--output-dir", tmp_path / "a", check=False)
-    assert result.returncode == 1 and "the loss was not finite at step" in result.stderr
+    assert result.returncode == 2 and "the loss was not finite at step" in result.stderr
     for path in (tmp_path / "a" / "checkpoints").glob("step_*.pt"):  # whatever was saved is finite
         weights = torch.load(path, weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in weights.values())
@@ -259,7 +261,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_cs
     First on one node, then on two (two torchrun agents on this machine, one rank each, as README's
     multi-node command with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). On one node torchrun's store outlives the
     restart and still holds the dead group's gloo addresses; unless each attempt keys its process group apart
-    (train.setup_distributed), the new ranks read them and either dial a dead port or wait on each other
+    (plumbing.setup_distributed), the new ranks read them and either dial a dead port or wait on each other
     forever inside init_process_group.
     """
     reference = uninterrupted[1]
@@ -286,15 +288,15 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_cs
 
 
 def test_restarts_on_several_nodes_sharing_torchruns_store_are_refused_before_they_could_hang(monkeypatch):
-    """Each node counts its own restarts, so per-attempt keys only agree on one node (train.setup_distributed)."""
+    """Each node counts its own restarts, so per-attempt keys only agree on one node (plumbing.setup_distributed)."""
     for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=16, GROUP_WORLD_SIZE=2, TORCHELASTIC_MAX_RESTARTS=3,
                             TORCHELASTIC_USE_AGENT_STORE=True, TORCHELASTIC_RESTART_COUNT=0).items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(train.setup_distributed)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(plumbing.setup_distributed)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts, nothing to hang: torchrun's defaults work
     with pytest.raises(ValueError, match="MASTER_ADDR"):  # past the check, at the rendezvous
-        train.setup_distributed()
+        plumbing.setup_distributed()
 
 
 def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, uninterrupted, tmp_path):
