@@ -1,21 +1,17 @@
-"""Data for CLIP training: captions CSV -> (image, tokens) batches, reproducibly; plus the demo dataset.
+"""Data for CLIP training: an image-caption CSV -> batches of (image, tokens), reproducibly.
 
-What lives here: reading an image-caption CSV (QUILT-1M's layout by default), the train and eval transforms,
-the tokenizer, the sampler that fixes every global batch from (seed, epoch), the DataLoader, and a generator
-of synthetic H&E-like tiles so that everything runs offline out of the box. It does not train or evaluate.
+What lives here: reading the CSV (QUILT-1M's layout by default), the train and eval transforms, the
+tokenizer, the sampler that fixes every global batch from (seed, epoch), and the DataLoader. Not
+here: the model, the loss or the training loop (train.py), and the synthetic demo dataset, which
+demo_data.py paints and writes (`python demo_data.py`; this file has no command of its own).
 
-    python data.py            # writes the demo dataset into data/demo and prints where
+    python -m pytest -q tests/test_robustness.py -k "csv or path or image"   # its checks
 """
 import contextlib
 import csv
 import hashlib
-import json
 import math
 import os
-import shutil
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,90 +26,130 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics OpenAI CLIP no
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------- images
 
-def sample_seed(seed, epoch, index):
-    """One integer per (run seed, epoch, sample) that decides that sample's augmentation."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+@contextlib.contextmanager
+def without_pils_pixel_limit():
+    """Inside the block, PIL's own decompression-bomb check is off; outside, it is as it was.
 
-
-def train_transform(image, image_size, rrc_scale_min, seed):
-    """RandomResizedCrop(scale=(rrc_scale_min, 1)) + CLIP normalisation, its randomness fixed by `seed`.
-
-    RULE 2: augmentation randomness comes from (seed, epoch, sample index), never from which worker
-    process happens to load the sample, so --workers cannot change a result.
-    RULE 5: the lower crop scale defaults to 0.8; the study found 0.7-0.8 beat 0.6 and 0.9.
-    """
-    with torch.random.fork_rng(devices=[]):  # use torchvision's sampling, but with our own seed
-        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed costs 20x more
-        top, left, height, width = T.RandomResizedCrop.get_params(image, [rrc_scale_min, 1.0], [3 / 4, 4 / 3])
-    image = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
-                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)
-    return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
-
-
-def eval_transform(image_size):
-    """Resize the shortest side, center-crop, normalise: no randomness at evaluation."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    PIL keeps one limit for the whole process (Image.MAX_IMAGE_PIXELS): it warns about larger
+    images and refuses those over twice the limit, when it opens a file and when it crops. We
+    refuse too-large images ourselves, with our own limit (--max-image-pixels, which may be above
+    PIL's), so PIL's check is lifted only around our own reading and cropping, and put back after.
+    (Not thread-safe: images are read by DataLoader worker processes or by the main thread.)"""
+    pils_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pils_limit
 
 
 def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
     """Any readable image as 8-bit RGB: grayscale, palette, RGBA (over white), CMYK, 16-bit.
 
-    Decoding happens here, so a truncated file fails here; images over `max_pixels` are refused before decoding
-    (a decompression bomb would otherwise fill the memory). With `draft_size`, a JPEG is decoded at 1/2, 1/4 or
-    1/8 scale in the DCT domain, as long as both sides stay >= draft_size: several times faster for large images,
-    and other pixels than a full decode (hence a flag)."""
-    Image.MAX_IMAGE_PIXELS = None  # our own check below replaces PIL's, with our limit
-    with Image.open(path) as image:
+    Decoding happens here, so a truncated file fails here. Images over `max_pixels` are refused
+    from their header, before decoding: a decompression bomb would otherwise fill the memory.
+    With `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, as long as
+    both sides stay >= draft_size: several times faster for large images, and other pixels than a
+    full decode (hence a flag)."""
+    with without_pils_pixel_limit(), Image.open(path) as image:
         if image.width * image.height > max_pixels:
-            raise ValueError(f"{image.width}x{image.height} pixels is over --max-image-pixels {max_pixels}")
+            size = f"{image.width}x{image.height}"
+            raise ValueError(f"{size} pixels is over --max-image-pixels {max_pixels}")
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit gray: keep the high byte, don't clip
-            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit gray: keep the high byte
+            high_byte = np.asarray(image).astype(np.uint32) >> 8  # (dividing, not clipping)
+            image = Image.fromarray(high_byte.astype(np.uint8))
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+            white = Image.new("RGBA", image.size, "white")
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def sample_seed(seed, epoch, index):
+    """One integer per (run seed, epoch, sample) that decides that sample's augmentation."""
+    # RULE 2: a hash of the sample's own coordinates, never the worker that loads it.
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def train_transform(image, image_size, rrc_scale_min, seed):
+    """RandomResizedCrop(scale=(rrc_scale_min, 1)) and CLIP's normalisation, its randomness
+    fixed by `seed`: the same seed gives the same crop in any process."""
+    # RULE 2: the crop is decided by the sample's seed alone, so --workers cannot change a result.
+    with torch.random.fork_rng(devices=[]):  # torchvision's sampling, with our own seed
+        # The CPU generator only: torch.manual_seed, which seeds every device, costs 20x more.
+        torch.default_generator.manual_seed(seed)
+        # RULE 5: the lower crop scale, 0.8 by default (--rrc-scale) — see RULES.md.
+        scale = [rrc_scale_min, 1.0]
+        ratio = [3 / 4, 4 / 3]
+        top, left, height, width = T.RandomResizedCrop.get_params(image, scale, ratio)
+    # The image passed our own size check when it was read; PIL would check the crop with its own.
+    with without_pils_pixel_limit():
+        image = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
+                                interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+
+
+def eval_transform(image_size):
+    """Resize the shortest side, center-crop, normalise: no randomness at evaluation."""
+    return T.Compose([
+        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
 
 
 def train_tokenizer(captions, out_dir, vocab_size):
-    """Train a byte-level BPE on the captions (deterministic, offline) and save it as a HF folder. Start- and
-    end-of-text are added after training, so end-of-text gets the largest id, as in OpenAI CLIP's vocabulary:
-    the text encoder pools there with argmax."""
+    """Train a byte-level BPE on the captions (deterministic, offline), save it as a HF folder.
+
+    Start- and end-of-text are added after training, so end-of-text gets the largest id, as in
+    OpenAI CLIP's vocabulary: the text encoder pools there with argmax."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])  # CLIP lowercases
+    # CLIP lowercases its captions.
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(sorted(set(captions)), trainer)
     bpe.add_special_tokens([SOT, EOT])
-    atomic_write(out_dir, PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT).save_pretrained)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SOT, eos_token=EOT)
+    atomic_write(out_dir, tokenizer.save_pretrained)
 
 
 def load_tokenizer(folder):
-    """A local Hugging Face tokenizer folder: ours, or a saved CLIP tokenizer (vocab.json + merges.txt)."""
+    """A local Hugging Face tokenizer folder: ours, or a saved CLIP one (vocab.json, merges.txt)."""
     from transformers import AutoTokenizer, CLIPTokenizer
     if not os.path.isdir(folder):
-        raise UsageError(f"--tokenizer {folder}: not a folder. Pass a local Hugging Face tokenizer folder.")
+        raise UsageError(f"--tokenizer {folder}: not a folder. "
+                         "Pass a local Hugging Face tokenizer folder.")
     # OpenAI's vocab.json + merges.txt alone name no tokenizer class: they are CLIP's.
-    bare_clip_files = (os.path.exists(os.path.join(folder, "merges.txt"))
-                       and not os.path.exists(os.path.join(folder, "tokenizer_config.json")))
-    tokenizer = (CLIPTokenizer if bare_clip_files else AutoTokenizer).from_pretrained(folder, local_files_only=True)
+    has_merges = os.path.exists(os.path.join(folder, "merges.txt"))
+    has_config = os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+    if has_merges and not has_config:
+        tokenizer_class = CLIPTokenizer
+    else:
+        tokenizer_class = AutoTokenizer
+    tokenizer = tokenizer_class.from_pretrained(folder, local_files_only=True)
     if tokenizer.eos_token_id != len(tokenizer) - 1 or tokenizer.bos_token_id is None:
-        raise UsageError(f"--tokenizer {folder}: end-of-text must be the last id of the vocabulary and a "
-                         "start-of-text token must exist (CLIP pools at argmax of the token ids).")
+        raise UsageError(f"--tokenizer {folder}: end-of-text must be the last id of the "
+                         "vocabulary and a start-of-text token must exist (CLIP pools at argmax "
+                         "of the token ids).")
     return tokenizer
 
 
@@ -123,7 +159,7 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def tokenize(tokenizer, texts, context_length):
-    """[SOT] + tokens + [EOT], truncated to context_length and padded with 0, as OpenAI CLIP does."""
+    """[SOT] + tokens + [EOT], cut to context_length and padded with 0, as in OpenAI CLIP."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     tokens = torch.zeros(len(ids), context_length, dtype=torch.long)
     for row, seq in enumerate(ids):
@@ -136,32 +172,43 @@ def tokenize(tokenizer, texts, context_length):
 
 def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
     """Rows of (image path, caption). The separator follows the extension (.tsv tab, else comma)."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise UsageError(f"--train-data {path}: " + ("the file is empty." if os.path.isfile(path) else "no such file."))
-    separator = separator or ("\t" if path.endswith(".tsv") else ",")
+    if not os.path.isfile(path):
+        raise UsageError(f"--train-data {path}: no such file.")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"--train-data {path}: the file is empty.")
+    if not separator:
+        separator = "\t" if path.endswith(".tsv") else ","
     with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
         reader = csv.DictReader(f, delimiter=separator)
         columns = reader.fieldnames or []
         for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
             if key not in columns:
-                raise UsageError(f"{path}: no column '{key}'; columns are {columns}. Pass {flag}"
-                                 + (" or --csv-separator (only one column was found)." if len(columns) == 1 else "."))
+                if len(columns) == 1:
+                    fix = f"{flag} or --csv-separator (only one column was found)."
+                else:
+                    fix = f"{flag}."
+                raise UsageError(f"{path}: no column '{key}'; columns are {columns}. Pass {fix}")
         rows = [(row[img_key], row[caption_key]) for row in reader]
     if not rows:
         raise UsageError(f"{path}: the CSV has a header but no rows.")
-    if len(set(rows)) < len(rows):
-        print(f"warning: {path}: {len(rows) - len(set(rows))} duplicate rows (same image and caption); kept.")
+    duplicates = len(rows) - len(set(rows))
+    if duplicates:
+        print(f"warning: {path}: {duplicates} duplicate rows (same image and caption); kept.")
     return rows
 
 
 def check_paths(rows, image_root, csv_path, allow_absolute):
-    """Refuse rows whose image path may leave --image-root (absolute, or any '..'): a CSV is data, not a key.
-    The check reads the path's text, not the file system, so a dataset folder symlinked to another disk works;
-    '..' is refused anywhere, because 'slides/../x' leaves the root when slides is such a symlink."""
+    """Refuse rows whose image path may leave --image-root (absolute, or any '..'): a CSV is
+    data, not a key. The check reads the path's text, not the file system, so a dataset folder
+    symlinked to another disk works; '..' is refused anywhere, because 'slides/../x' leaves the
+    root when slides is such a symlink."""
+    if allow_absolute:
+        return
     for number, (path, _) in enumerate(rows, start=1):
-        if not allow_absolute and (os.path.isabs(path) or ".." in path.replace("\\", "/").split("/")):
-            raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point outside --image-root "
-                             f"{image_root}. Fix the row, or pass --allow-absolute-paths if you trust the CSV.")
+        if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+            raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point "
+                             f"outside --image-root {image_root}. Fix the row, or pass "
+                             "--allow-absolute-paths if you trust the CSV.")
 
 
 class BadSampleError(Exception):
@@ -169,14 +216,14 @@ class BadSampleError(Exception):
 
 
 class BadSample:
-    """What the training dataset returns for a pair it cannot use: the message, for the trainer to raise."""
+    """What the training dataset returns for a pair it cannot use; the trainer raises it."""
 
     def __init__(self, message):
         self.message = message
 
 
 def collate_pairs(samples):
-    """Stack (image, tokens) pairs into a batch; a batch holding a BadSample becomes that BadSample."""
+    """Stack (image, tokens) pairs into a batch; a batch with a BadSample becomes that one."""
     bad = [sample for sample in samples if isinstance(sample, BadSample)]
     return bad[0] if bad else default_collate(samples)
 
@@ -187,11 +234,12 @@ def load_sample(path, caption, max_pixels, draft_size=None):
         raise BadSampleError("empty caption")
     try:
         return load_rgb(path, max_pixels, draft_size)
-    except (OSError, SyntaxError, ValueError) as e:  # missing, empty, truncated, not an image, too large
+    except (OSError, SyntaxError, ValueError) as e:  # missing, cut short, not an image, too big
         raise BadSampleError(f"unreadable image: {e}") from None
 
 
 def sample_problem(item):
+    """What is wrong with one (path, caption, max_pixels) item, or None."""
     try:
         load_sample(*item)
     except BadSampleError as e:
@@ -199,63 +247,93 @@ def sample_problem(item):
 
 
 def find_bad_samples(rows, indices, image_root, workers, max_pixels):
-    """The --check-data pass over rows[indices]: read each image once, in parallel; {row index: reason}."""
+    """The --check-data pass over rows[indices]: read each image once, in parallel.
+    Returns {row index: reason}."""
     items = [(os.path.join(image_root, rows[i][0]), rows[i][1], max_pixels) for i in indices]
+    # Its own generator, not the global one: that one seeds the model.
     checks = DataLoader(items, batch_size=None, num_workers=workers, collate_fn=sample_problem,
-                        generator=torch.Generator())  # not the global generator: it seeds the model
+                        generator=torch.Generator())
     return {index: reason for index, reason in zip(indices, checks) if reason}
 
 
 class CsvDataset(Dataset):
     """Indexed by (epoch, sample index), so each sample's augmentation is a function of both."""
 
-    def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min, seed,
-                 max_pixels=Image.MAX_IMAGE_PIXELS, jpeg_draft=False):
-        self.rows, self.image_root, self.tokenizer = rows, image_root, tokenizer
-        self.image_size, self.context_length = image_size, context_length
-        self.rrc_scale_min, self.seed, self.max_pixels = rrc_scale_min, seed, max_pixels
-        # --jpeg-draft: decode just large enough that the smallest crop RandomResizedCrop can take (area
-        # rrc_scale_min, aspect 3/4) still has image_size pixels on its short side: never enlarged.
-        self.draft_size = math.ceil(image_size / math.sqrt(rrc_scale_min * 3 / 4)) if jpeg_draft else None
+    def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min,
+                 seed, max_pixels=Image.MAX_IMAGE_PIXELS, jpeg_draft=False):
+        self.rows = rows
+        self.image_root = image_root
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.context_length = context_length
+        self.rrc_scale_min = rrc_scale_min
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.draft_size = None
+        if jpeg_draft:
+            # Decode just large enough that the smallest crop RandomResizedCrop can take (area
+            # rrc_scale_min, aspect 3/4) still has image_size pixels on its short side: never
+            # enlarged.
+            self.draft_size = math.ceil(image_size / math.sqrt(rrc_scale_min * 3 / 4))
 
     def __getitem__(self, key):
         epoch, index = key
         path, caption = self.rows[index]
+        full_path = os.path.join(self.image_root, path)
         try:
-            image = load_sample(os.path.join(self.image_root, path), caption, self.max_pixels, self.draft_size)
+            image = load_sample(full_path, caption, self.max_pixels, self.draft_size)
         except BadSampleError as e:
-            # Handed back as data: an exception raised in a worker process reaches the trainer only
-            # as the text of a traceback.
-            return BadSample(f"data row {index + 1} ({path}): {e}. Fix or remove the row, or pass "
-                             "--bad-samples skip to leave out every bad row, decided before training.")
-        image = train_transform(image, self.image_size, self.rrc_scale_min, sample_seed(self.seed, epoch, index))
+            # Handed back as data: an exception raised in a worker process reaches the trainer
+            # only as the text of a traceback.
+            return BadSample(f"data row {index + 1} ({path}): {e}. Fix or remove the row, or "
+                             "pass --bad-samples skip to leave out every bad row, decided "
+                             "before training.")
+        seed = sample_seed(self.seed, epoch, index)
+        image = train_transform(image, self.image_size, self.rrc_scale_min, seed)
         return image, tokenize(self.tokenizer, [caption], self.context_length)[0]
 
 
 class GlobalBatchSampler:
-    """Yields, for every optimizer step from `start_step` on, this rank's micro-batches of (epoch, index).
+    """Yields, for every optimizer step from `start_step` on, this rank's micro-batches of
+    (epoch, index).
 
-    RULE 3: one global batch regardless of hardware. The dataset is permuted once per epoch from
-    (seed, epoch); step s of the epoch takes the next `global_batch` samples of that permutation, and
-    the world_size * accum_steps micro-batches are contiguous slices of it. 1 process x 16 samples,
-    2 processes x 8, and 1 process x 2 accumulation steps x 8 see exactly the same set every step.
-    The position is just the step number, so resuming needs no sampler state beyond it.
-    `samples` are the usable row indices: all rows, or those left after --bad-samples skip.
-    """
+    One global batch regardless of hardware: the dataset is permuted once per epoch from
+    (seed, epoch); step s of the epoch takes the next `global_batch` samples of that permutation,
+    and the world_size * accum_steps micro-batches are contiguous slices of it. So 1 process x 16
+    samples, 2 processes x 8, and 1 process x 2 accumulation steps x 8 see the same set every
+    step. The position is just the step number, so resuming needs no sampler state beyond it.
+    `samples` are the usable row indices: all rows, or those left after --bad-samples skip."""
 
-    def __init__(self, samples, batch_size, world_size, rank, accum_steps, seed, total_steps, start_step=0):
-        self.batch_size, self.world_size, self.rank, self.accum_steps = batch_size, world_size, rank, accum_steps
+    def __init__(self, samples, batch_size, world_size, rank, accum_steps, seed, total_steps,
+                 start_step=0):
+        self.samples = list(samples)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.accum_steps = accum_steps
+        self.seed = seed
+        self.total_steps = total_steps
+        self.start_step = start_step
         self.global_batch = batch_size * world_size * accum_steps
-        self.steps_per_epoch = len(samples) // self.global_batch  # drop_last: every step is a full batch
-        self.samples, self.seed, self.total_steps, self.start_step = list(samples), seed, total_steps, start_step
+        # drop_last: every step is a full global batch.
+        self.steps_per_epoch = len(self.samples) // self.global_batch
+
+    def epoch_order(self, epoch):
+        """The samples in the order of `epoch`: a function of (seed, epoch) alone."""
+        # RULE 3: the same permutation on every rank and any world size — see RULES.md.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.samples), generator=generator).tolist()
+        return [self.samples[i] for i in order]
 
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):
             epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-            if step == self.start_step or step_in_epoch == 0:  # a new epoch's permutation, a function of (seed, epoch)
-                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                permutation = [self.samples[i] for i in torch.randperm(len(self.samples), generator=generator).tolist()]
-            batch = permutation[step_in_epoch * self.global_batch:(step_in_epoch + 1) * self.global_batch]
+            if step == self.start_step or step_in_epoch == 0:
+                permutation = self.epoch_order(epoch)
+            # RULE 3: step s takes the s-th global batch of the permutation; each rank and each
+            # accumulation step takes its slice of it, so no hardware changes the global batch.
+            first = step_in_epoch * self.global_batch
+            batch = permutation[first:first + self.global_batch]
             for micro in range(self.accum_steps):
                 start = (micro * self.world_size + self.rank) * self.batch_size
                 yield [(epoch, index) for index in batch[start:start + self.batch_size]]
@@ -265,8 +343,11 @@ class GlobalBatchSampler:
 
 
 def make_train_loader(dataset, sampler, workers, seed, pin_memory):
-    # RULE 1: seeded everywhere. The loader's generator only seeds worker processes; augmentation
-    # itself is already fixed per sample (RULE 2), so this is belt and braces.
+    """The DataLoader over `dataset` in the sampler's batches, `workers` processes reading."""
+    prefetch_factor = 4 if workers > 0 else None  # DataLoader refuses one without workers
+    # RULE 1: the loader's generator is seeded too. It only seeds the worker processes; the
+    # augmentation is already fixed per sample (RULE 2), so this is belt and braces.
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
+                      persistent_workers=workers > 0, prefetch_factor=prefetch_factor,
+                      collate_fn=collate_pairs, generator=generator)
