@@ -5,8 +5,10 @@ tokenizer, the sampler that fixes every global batch from (seed, epoch), and the
 here: the model, the loss or the training loop (train.py), and the synthetic demo dataset, which
 demo_data.py paints and writes (`python demo_data.py`; this file has no command of its own).
 
-    python -m pytest -q tests/test_robustness.py -k "csv or path or image"   # its checks
+    python -m pytest -q tests/test_robustness.py tests/test_quilt_data.py -k "csv or path or image"
 """
+import array
+import collections
 import contextlib
 import csv
 import hashlib
@@ -24,6 +26,8 @@ from plumbing import UsageError, atomic_write
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics OpenAI CLIP normalised with
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's range of crop aspects (width / height)
+RRC_TRIES = 10  # torchvision's tries at a random crop before its fixed fallback
 
 
 # ----------------------------------------------------------------------------- images
@@ -78,22 +82,75 @@ def sample_seed(seed, epoch, index):
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def train_transform(image, image_size, rrc_scale_min, seed):
-    """RandomResizedCrop(scale=(rrc_scale_min, 1)) and CLIP's normalisation, its randomness
-    fixed by `seed`: the same seed gives the same crop in any process."""
+def train_transform(image, image_size, rrc_scale_min, seed, rrc_ratio=RRC_RATIO):
+    """RandomResizedCrop(scale=(rrc_scale_min, 1), ratio=rrc_ratio) and CLIP's normalisation,
+    its randomness fixed by `seed`: the same seed gives the same crop in any process."""
     # RULE 2: the crop is decided by the sample's seed alone, so --workers cannot change a result.
     with torch.random.fork_rng(devices=[]):  # torchvision's sampling, with our own seed
         # The CPU generator only: torch.manual_seed, which seeds every device, costs 20x more.
         torch.default_generator.manual_seed(seed)
         # RULE 5: the lower crop scale, 0.8 by default (--rrc-scale) — see RULES.md.
         scale = [rrc_scale_min, 1.0]
-        ratio = [3 / 4, 4 / 3]
+        ratio = list(rrc_ratio)
         top, left, height, width = T.RandomResizedCrop.get_params(image, scale, ratio)
     # The image passed our own size check when it was read; PIL would check the crop with its own.
     with without_pils_pixel_limit():
         image = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
                                 interpolation=T.InterpolationMode.BICUBIC, antialias=True)
     return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+
+
+def crop_fit_probability(width, height, scale_min, ratio=RRC_RATIO, points=4096):
+    """The chance that one try of RandomResizedCrop fits inside a width x height image.
+
+    A try draws s ~ U(scale_min, 1) and x ~ U(log lo, log hi): a crop round(sqrt(A s e^x)) wide,
+    round(sqrt(A s e^-x)) high (A = width * height). It fits when s is under both bounds below:
+    exactly for each x; the mean over x is a midpoint sum."""
+    area = width * height
+    log_lo, log_hi = np.log(ratio)
+    x = log_lo + (np.arange(points) + 0.5) / points * (log_hi - log_lo)
+    widest = (width + 0.5) ** 2 / (area * np.exp(x))  # w <= width
+    tallest = (height + 0.5) ** 2 * np.exp(x) / area  # h <= height
+    s_max = np.minimum(widest, tallest)
+    if scale_min >= 1:  # s is always 1
+        return float(np.mean(s_max > 1))
+    return float(np.clip((s_max - scale_min) / (1 - scale_min), 0, 1).mean())
+
+
+def crop_fallback_share(sizes, scale_min, ratio=RRC_RATIO):
+    """The expected share of RandomResizedCrop's crops that are its fixed fallback over images
+    of these (width, height) sizes (None for none): after RRC_TRIES tries that do not fit, it
+    takes the same centre crop in every epoch, for every seed. A crop of area fraction s and
+    aspect r fits an image of aspect a only if s <= r / a and s <= a / r: a 16:9 video frame
+    with r <= 4/3 needs s <= 0.75, so at --rrc-scale 0.8 every crop is the fallback."""
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    if len(sizes) == 0:
+        return None
+    unique, counts = np.unique(sizes, axis=0, return_counts=True)
+    shares = [(1 - crop_fit_probability(width, height, scale_min, ratio)) ** RRC_TRIES
+              for width, height in unique.tolist()]
+    return float(np.dot(shares, counts) / counts.sum())
+
+
+def image_sizes(rows, image_root, csv_sizes=None, sample=200, seed=0):
+    """(width, height) of the training images as an (N, 2) array: every row's from the CSV's
+    columns when it has them (QUILT-1M's width and height), else read from the headers of a
+    seeded sample of at most `sample` images (PIL reads the header only, no pixels)."""
+    if csv_sizes is not None:
+        known = csv_sizes[(csv_sizes > 0).all(axis=1)]  # 0: blank in the CSV
+        if len(known):
+            return known
+    # Its own generator: the global ones decide the model and the crops.
+    picked = np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False)
+    sizes = []
+    for index in sorted(picked.tolist()):
+        path = os.path.join(image_root, rows[index][0])
+        try:
+            with without_pils_pixel_limit(), Image.open(path) as image:
+                sizes.append(image.size)
+        except (OSError, SyntaxError, ValueError):
+            continue  # an unreadable image is --check-data's business, not this estimate's
+    return np.array(sizes, dtype=np.int32).reshape(-1, 2)
 
 
 def eval_transform(image_size):
@@ -141,10 +198,7 @@ def load_tokenizer(folder):
     # OpenAI's vocab.json + merges.txt alone name no tokenizer class: they are CLIP's.
     has_merges = os.path.exists(os.path.join(folder, "merges.txt"))
     has_config = os.path.exists(os.path.join(folder, "tokenizer_config.json"))
-    if has_merges and not has_config:
-        tokenizer_class = CLIPTokenizer
-    else:
-        tokenizer_class = AutoTokenizer
+    tokenizer_class = CLIPTokenizer if has_merges and not has_config else AutoTokenizer
     tokenizer = tokenizer_class.from_pretrained(folder, local_files_only=True)
     if tokenizer.eos_token_id != len(tokenizer) - 1 or tokenizer.bos_token_id is None:
         raise UsageError(f"--tokenizer {folder}: end-of-text must be the last id of the "
@@ -171,7 +225,29 @@ def tokenize(tokenizer, texts, context_length):
 # ----------------------------------------------------------------------------- the CSV dataset
 
 def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
-    """Rows of (image path, caption). The separator follows the extension (.tsv tab, else comma)."""
+    """Every row of the CSV as (image path, caption). The separator follows the extension (.tsv
+    tab, else comma)."""
+    rows, _, _ = read_csv_table(path, img_key, caption_key, separator, split_value="all")
+    return rows
+
+
+def pixel_count(text):
+    """A width or height from the CSV ('1280' or '1280.0'); 0 when blank or not a number."""
+    try:
+        return max(0, min(int(float(text)), 2**31 - 1))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def read_csv_table(path, img_key="image_path", caption_key="caption", separator=None,
+                   split_key="split", split_value="train", size_keys=("width", "height")):
+    """(rows, sizes, split_filter): the rows to train on as (image path, caption); their (width,
+    height) as an int32 array (0 where blank; None when the CSV lacks `size_keys`); and a dict
+    of the filter: column, value, whether the column exists, rows in the CSV, rows kept.
+
+    QUILT-1M's CSV holds train and val rows side by side, told apart by its `split` column. With
+    that column, only rows whose value is `split_value` are kept ('all' keeps every row), so the
+    held-out rows are never trained on silently; without it, every row is kept."""
     if not os.path.isfile(path):
         raise UsageError(f"--train-data {path}: no such file.")
     if os.path.getsize(path) == 0:
@@ -188,13 +264,32 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
                 else:
                     fix = f"{flag}."
                 raise UsageError(f"{path}: no column '{key}'; columns are {columns}. Pass {fix}")
-        rows = [(row[img_key], row[caption_key]) for row in reader]
-    if not rows:
+        has_split = split_key in columns
+        has_sizes = all(key in columns for key in size_keys)
+        rows = []
+        sizes = array.array("i")  # width, height, width, ...: 8 bytes a row, not ~70 as ints
+        values_seen = collections.Counter()
+        for row in reader:
+            value = row.get(split_key) or ""  # "" without the column, or in a short row
+            values_seen[value] += 1
+            if value == split_value or split_value == "all" or not has_split:
+                rows.append((row[img_key], row[caption_key]))
+                if has_sizes:
+                    sizes.extend(pixel_count(row[key]) for key in size_keys)
+    rows_in_csv = sum(values_seen.values())
+    if not rows_in_csv:
         raise UsageError(f"{path}: the CSV has a header but no rows.")
+    if not rows:
+        held = ", ".join(repr(value) for value in sorted(values_seen)[:10])
+        raise UsageError(f"{path}: no row has {split_key} == {split_value!r}; the column holds "
+                         f"{held}. Pass --train-split VALUE or --train-split all.")
     duplicates = len(rows) - len(set(rows))
     if duplicates:
         print(f"warning: {path}: {duplicates} duplicate rows (same image and caption); kept.")
-    return rows
+    split_filter = {"column": split_key, "value": split_value, "column_present": has_split,
+                    "rows_in_csv": rows_in_csv, "rows_kept": len(rows)}
+    size_array = np.array(sizes, dtype=np.int32).reshape(-1, 2) if has_sizes else None
+    return rows, size_array, split_filter
 
 
 def check_paths(rows, image_root, csv_path, allow_absolute):
@@ -260,21 +355,23 @@ class CsvDataset(Dataset):
     """Indexed by (epoch, sample index), so each sample's augmentation is a function of both."""
 
     def __init__(self, rows, image_root, tokenizer, image_size, context_length, rrc_scale_min,
-                 seed, max_pixels=Image.MAX_IMAGE_PIXELS, jpeg_draft=False):
+                 seed, max_pixels=Image.MAX_IMAGE_PIXELS, jpeg_draft=False, rrc_ratio=RRC_RATIO):
         self.rows = rows
         self.image_root = image_root
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.context_length = context_length
         self.rrc_scale_min = rrc_scale_min
+        self.rrc_ratio = rrc_ratio
         self.seed = seed
         self.max_pixels = max_pixels
         self.draft_size = None
         if jpeg_draft:
-            # Decode just large enough that the smallest crop RandomResizedCrop can take (area
-            # rrc_scale_min, aspect 3/4) still has image_size pixels on its short side: never
-            # enlarged.
-            self.draft_size = math.ceil(image_size / math.sqrt(rrc_scale_min * 3 / 4))
+            # Decode just large enough that the smallest crop RandomResizedCrop can take still
+            # has image_size pixels on its short side (never enlarged): area rrc_scale_min and
+            # aspect r have a short side sqrt(area * min(r, 1/r)), smallest at this r.
+            narrowest = min(rrc_ratio[0], 1 / rrc_ratio[1])
+            self.draft_size = math.ceil(image_size / math.sqrt(rrc_scale_min * narrowest))
 
     def __getitem__(self, key):
         epoch, index = key
@@ -289,7 +386,7 @@ class CsvDataset(Dataset):
                              "pass --bad-samples skip to leave out every bad row, decided "
                              "before training.")
         seed = sample_seed(self.seed, epoch, index)
-        image = train_transform(image, self.image_size, self.rrc_scale_min, seed)
+        image = train_transform(image, self.image_size, self.rrc_scale_min, seed, self.rrc_ratio)
         return image, tokenize(self.tokenizer, [caption], self.context_length)[0]
 
 
