@@ -1,14 +1,15 @@
-"""How fast does CLIP train here? Samples/s, step time, peak memory and model FLOPs utilisation (MFU).
+"""How fast does CLIP train here? Samples/s, step time, peak memory, model FLOPs utilisation.
 
-Runs train.py's own step (train.train_step, train.make_optimizer, AdamW step) first on synthetic tensors
-already on the device, then on the real pipeline (the demo dataset, CsvDataset + GlobalBatchSampler +
-make_train_loader), and times the data pipeline alone. It does not train anything worth keeping.
+Runs train.py's own step (train_step, make_optimizer, AdamW) on synthetic tensors already on the
+device, then on the real pipeline (the demo dataset through CsvDataset, GlobalBatchSampler and
+make_train_loader), and times the data pipeline alone. It trains nothing worth keeping.
 
-The issue's reference configuration (64 px, patch 8, 4+4 layers of width 256, context 32, OpenCLIP's
-vocabulary of 49408, batch 64, fp32):
+The issue's reference configuration (64 px, patch 8, 4+4 layers of width 256, context 32,
+OpenCLIP's vocabulary of 49408, batch 64, fp32):
     python bench.py --model tiny --width 256 --text-width 256 --vocab-size 49408 --batch-size 64
 A published size in bf16, compiled, with the fast non-deterministic kernels:
-    python bench.py --model ViT-B-32 --batch-size 256 --precision bf16 --compile --no-deterministic --workers 8
+    python bench.py --model ViT-B-32 --batch-size 256 --precision bf16 --compile \
+        --no-deterministic --workers 8
 What the checks against bad input cost the happy path:
     python bench.py --checks
 A quick look on a laptop:
@@ -36,32 +37,34 @@ from plumbing import UsageError
 from model import CLIP, model_config
 
 
+
 # ----------------------------------------------------------------------------- model FLOPs
 
 def model_flops(cfg, batch_size):
     """Matmul FLOPs of one training step (forward + backward) at `batch_size`: the numerator of MFU.
 
-    A (m, k) x (k, n) matmul is 2*m*k*n FLOPs; layer norms, softmax, GELU, the embedding lookup and the
-    optimizer do too little arithmetic to count. A matmul's backward is two matmuls of its size (the
-    gradients of both operands), so backward = 2 x forward; the one exception is the patch embedding,
-    whose input (the images) needs no gradient: only its weight gradient, 1 x forward.
-    Attention scores are counted over the full L x L, also in the causal text tower, as FlopCounterMode
-    and PyTorch's math kernel do; flash kernels skip about half of that masked work, which is small here.
-    Recomputation (--grad-checkpointing, flash attention's backward) is work the hardware does and the
-    model does not need, so it is not counted (PaLM's definition of MFU).
-    tests/test_bench.py checks this against torch.utils.flop_counter.FlopCounterMode.
+    A (m, k) x (k, n) matmul is 2*m*k*n FLOPs; layer norms, softmax, GELU, the embedding lookup and
+    the optimizer do too little arithmetic to count. A matmul's backward is two matmuls of its size
+    (the gradients of both operands), so backward = 2 x forward, except for the patch embedding,
+    whose input (the images) needs no gradient: only its weight gradient, 1 x forward. Attention
+    scores are counted over the full L x L, also in the causal text tower, as FlopCounterMode and
+    PyTorch's math kernel do (flash kernels skip about half of that masked work, small here).
+    Recomputation (--grad-checkpointing, flash attention's backward) is work the hardware does and
+    the model does not need: not counted (PaLM's definition of MFU). tests/test_bench.py checks
+    this against torch.utils.flop_counter.FlopCounterMode.
     """
     def tower(tokens, width, layers):  # forward FLOPs of one Transformer, one sample
-        linear = 2 * tokens * width * (3 * width + width + 4 * width + 4 * width)  # q/k/v, out_proj, c_fc, c_proj
+        linear = 2 * tokens * width * (3 * width + width + 4 * width + 4 * width)  # qkv, out, mlp
         attention = 2 * 2 * tokens * tokens * width  # Q K^T and scores x V, all heads together
         return layers * (linear + attention)
 
     grid = cfg.image_size // cfg.patch_size
-    patch_embedding = 2 * grid * grid * cfg.vision_width * 3 * cfg.patch_size ** 2  # the conv1 "matmul"
-    vision = patch_embedding + tower(1 + grid * grid, cfg.vision_width, cfg.vision_layers) \
-        + 2 * cfg.vision_width * cfg.embed_dim                                  # class token -> embed_dim
-    text = tower(cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
-    # One (B, E) x (E, B) matmul gives the logits of both directions: logits_per_text is its transpose.
+    patch_embedding = 2 * grid * grid * cfg.vision_width * 3 * cfg.patch_size ** 2  # conv1's matmul
+    vision = patch_embedding + tower(1 + grid * grid, cfg.vision_width, cfg.vision_layers)
+    vision += 2 * cfg.vision_width * cfg.embed_dim  # class token -> embed_dim
+    text = tower(cfg.context_length, cfg.text_width, cfg.text_layers)
+    text += 2 * cfg.text_width * cfg.embed_dim      # end-of-text token -> embed_dim
+    # One (B, E) x (E, B) matmul gives the logits of both directions (logits_per_text: transposed).
     logits = 2 * batch_size * batch_size * cfg.embed_dim
     forward = batch_size * (vision + text) + logits
     return 3 * forward - batch_size * patch_embedding
@@ -70,53 +73,60 @@ def model_flops(cfg, batch_size):
 # ----------------------------------------------------------------------------- measuring
 
 def time_steps(step, warmup, steps, device):
-    """Call step() warmup + steps times; the seconds of each timed call, the device synchronised around it
-    (so on a GPU the CPU cannot run ahead into the next step: slightly pessimistic for very small models)."""
-    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    """Call step() warmup + steps times; the seconds of each timed call, the device synchronised
+    around it (no running ahead into the next step: slightly pessimistic for tiny models)."""
     times = []
     for i in range(warmup + steps):
-        synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
-        synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
 
 def peak_meter(device, dtype, size):
-    """A function repeats -> the device's achievable FLOP/s now: the fastest of `repeats` (size x size) matmuls
-    in this dtype. The benchmark calls it at the start, after every synthetic step and at the end. Its
-    matrices live only during the call, so that they add nothing to the memory the steps are charged with."""
+    """A function repeats -> the device's achievable FLOP/s now: the fastest of `repeats` (size x
+    size) matmuls in this dtype. Called at the start, after every synthetic step and at the end; its
+    matrices live only during the call, adding nothing to the memory the steps are charged with."""
     def peak_now(repeats):
-        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
         return 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
     return peak_now
 
 
 def peak_rss_mib():
     """The process's peak resident memory so far; ru_maxrss is in KiB on Linux, bytes on macOS."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    unit = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 def peak_memory_mib(device):
-    """CUDA's max allocated since the last reset_peak_memory_stats; on the CPU, the process's peak RSS so far."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+    """CUDA's max allocated since reset_peak_memory_stats; on the CPU, the peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:  # Linux names the CPU model here; platform.processor() is often empty
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
 def training_step(model, raw_model, optimizer, train_args, autocast, batches, device):
-    """One optimizer step exactly as train.py's loop takes it (without the lr schedule and logging)."""
+    """One optimizer step as train.py's loop takes it (without the lr schedule and logging)."""
     def step():
-        train.train_step(model, train.next_micro_batches(batches, 1, device), train_args, autocast)
+        micro_batches = train.next_micro_batches(batches, 1, device)
+        train.train_step(model, micro_batches, train_args, autocast)
         train.optimizer_step(raw_model, optimizer, train_args)
     return step
 
@@ -130,15 +140,17 @@ def synthetic_batch(cfg, batch_size, device):
 
 
 def measure(name, step, args, flops, peak, device, peak_now=None):
-    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s and the MFU
-    beside each step (None without `peak_now`).
-    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (one of ours saw its
-    matmul peak move by up to 2x within seconds), so `peak_now`, if given, times a peak matmul right after each
-    step, under the same conditions, and the median of the per-step ratios is printed too. Only for the
-    synthetic steps: between steps of the real pipeline, its workers would prepare batches off the clock.
-    Peak memory: the most CUDA allocated within a step; on the CPU, the process's peak RSS so far."""
+    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s and
+    the MFU beside each step (None without `peak_now`).
+
+    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (its
+    matmul peak can double within seconds), so `peak_now`, if given, times a peak matmul right
+    after each step, under the same conditions; the median of these ratios is printed too. Only for
+    the synthetic steps: in the real pipeline, workers would prepare batches off the clock."""
     time_steps(step, args.warmup, 0, device)  # warm-up only
-    times, mfus_now, memory = [], [], 0
+    times = []
+    mfus_now = []
+    memory = 0
     for _ in range(args.steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -147,48 +159,64 @@ def measure(name, step, args, flops, peak, device, peak_now=None):
         if peak_now is not None:
             mfus_now.append(flops / times[-1] / peak_now(1))
     step_time = statistics.median(times)
-    samples_per_s, mfu = args.batch_size / step_time, flops / step_time / peak
+    samples_per_s = args.batch_size / step_time
+    mfu = flops / step_time / peak
     mfu_now = statistics.median(mfus_now) if mfus_now else None
     beside = f", {100 * mfu_now:.1f}% of the peak after each step" if mfu_now is not None else ""
-    print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; min {1e3 * min(times):.1f}, "
-          f"max {1e3 * max(times):.1f}), {samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s "
-          f"of model FLOPs = {100 * mfu:.1f}% MFU of the start peak{beside}, peak memory {memory:.0f} MiB "
-          f"({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
+    memory_kind = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
+    print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; "
+          f"min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}), "
+          f"{samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s of model FLOPs "
+          f"= {100 * mfu:.1f}% MFU of the start peak{beside}, "
+          f"peak memory {memory:.0f} MiB ({memory_kind})")
     return samples_per_s, mfu_now
 
 
 # ----------------------------------------------------------------------------- flags
 
 OVERRIDES = {"--image-size": "image_size", "--patch-size": "patch_size", "--width": "vision_width",
-             "--layers": "vision_layers", "--text-width": "text_width", "--text-layers": "text_layers",
-             "--context-length": "context_length", "--vocab-size": "vocab_size", "--embed-dim": "embed_dim"}
-ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # ours, if pinned
+             "--layers": "vision_layers", "--text-width": "text_width",
+             "--text-layers": "text_layers", "--context-length": "context_length",
+             "--vocab-size": "vocab_size", "--embed-dim": "embed_dim"}
+# The cores this process may use (fewer than the machine's, if pinned).
+ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="tiny", help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
     for flag, field in OVERRIDES.items():
         a(flag, type=int, default=None, help=f"override the model's {field}")
-    a("--batch-size", type=int, default=64, help="per step, as train.py's --batch-size on one process")
-    a("--steps", type=int, default=20, help="timed steps per part; the median step time is reported")
-    a("--warmup", type=int, default=5, help="untimed steps first (kernel selection, allocator, compilation)")
+    a("--batch-size", type=int, default=64,
+      help="per step, as train.py's --batch-size on one process")
+    a("--steps", type=int, default=20,
+      help="timed steps per part; the median step time is reported")
+    a("--warmup", type=int, default=5,
+      help="untimed steps first (kernel selection, allocator, compilation)")
     a("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, as train.py")
-    a("--compile", action="store_true", help="torch.compile the model (it compiles in the warm-up steps)")
+    a("--compile", action="store_true",
+      help="torch.compile the model (it compiles in the warm-up steps)")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=True,
-      help="train.py's default (RULE 7: no TF32, deterministic kernels); --no-deterministic for speed")
-    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (not model FLOPs)")
-    a("--workers", type=int, default=2, help="data-loader processes for the real pipeline, as train.py")
+      help="train.py's default (RULE 7: no TF32, deterministic kernels); "
+           "--no-deterministic for speed")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute activations in backward (not model FLOPs)")
+    a("--workers", type=int, default=2,
+      help="data-loader processes for the real pipeline, as train.py")
     a("--world-size", type=int, default=8, help="only for the printed size of the loss logits")
     a("--threads", type=int, default=ALL_CORES, help="torch threads; the default is all our cores")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--peak-size", type=int, default=None, help="side of the peak matmul; None: 8192 on CUDA, 2048 on CPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a("--device", default=device)
+    a("--peak-size", type=int, default=None,
+      help="side of the peak matmul; None: 8192 on CUDA, 2048 on CPU")
     a("--seed", type=int, default=0)
-    a("--checks", action="store_true", help="instead: time the bad-input checks of data.py (per image, per row)")
+    a("--checks", action="store_true",
+      help="instead: time the bad-input checks of data.py (per image, per row)")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.steps, args.threads, args.world_size) < 1 or min(args.warmup, args.workers) < 0:
+    at_least_one = min(args.batch_size, args.steps, args.threads, args.world_size)
+    if at_least_one < 1 or min(args.warmup, args.workers) < 0:
         raise UsageError("--batch-size, --steps, --threads and --world-size must be at least 1, "
                          "--warmup and --workers at least 0.")
     return args
@@ -196,90 +224,107 @@ def parse_args(argv=None):
 
 def bench_config(args):
     """--model, then the size flags on top of it."""
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in OVERRIDES.items()}
-    return replace(model_config(args.model), **{field: v for field, v in overrides.items() if v is not None})
+    overrides = {}
+    for flag, field in OVERRIDES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[field] = value
+    return replace(model_config(args.model), **overrides)
 
 
 def as_train_args(args):
     """The Namespace train.py would run with, so that the optimizer and the loss are the users'."""
-    flags = ["--model", args.model, "--batch-size", args.batch_size, "--precision", args.precision,
-             "--workers", args.workers, "--seed", args.seed,
+    flags = ["--model", args.model, "--batch-size", args.batch_size,
+             "--precision", args.precision, "--workers", args.workers, "--seed", args.seed,
              "--deterministic" if args.deterministic else "--no-deterministic"]
-    return train.parse_args([str(flag) for flag in flags] + ["--grad-checkpointing"] * args.grad_checkpointing)
+    if args.grad_checkpointing:
+        flags.append("--grad-checkpointing")
+    return train.parse_args([str(flag) for flag in flags])
 
 
 # ----------------------------------------------------------------------------- the real pipeline
 
 def demo_loaders(cfg, train_args, device):
-    """A function of the step count -> an iterator over demo batches, built as train.py builds its loader."""
+    """A function of the step count -> an iterator over demo batches, as train.py's loader."""
     csv_path = demo_data.ensure_demo_data()
-    rows, batch_size = data.read_csv(csv_path), train_args.batch_size
+    rows = data.read_csv(csv_path)
+    batch_size = train_args.batch_size
     if len(rows) < batch_size:
-        raise UsageError(f"the demo dataset has {len(rows)} pairs, fewer than --batch-size {batch_size}.")
+        raise UsageError(f"the demo dataset has {len(rows)} pairs, "
+                         f"fewer than --batch-size {batch_size}.")
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, cfg.vocab_size)
         tokenizer = data.load_tokenizer(tokenizer_dir)
-    # The model stays the one of the synthetic part, so that the difference between the two samples/s
-    # is the data pipeline; the tokenizer's ids are a subset of its vocabulary (train.py would shrink it).
-    print(f"real pipeline: demo dataset ({len(rows)} pairs), tokenizer of {len(tokenizer)} tokens, "
-          f"{train_args.workers} workers")
-    dataset = data.CsvDataset(rows, os.path.dirname(csv_path), tokenizer, cfg.image_size, cfg.context_length,
-                              train_args.rrc_scale, train_args.seed)
+    # The model stays the synthetic part's, so that the two samples/s differ by the data pipeline
+    # alone; the tokenizer's ids are a subset of its vocabulary (train.py would shrink it).
+    print(f"real pipeline: demo dataset ({len(rows)} pairs), tokenizer of {len(tokenizer)} "
+          f"tokens, {train_args.workers} workers")
+    dataset = data.CsvDataset(rows, os.path.dirname(csv_path), tokenizer, cfg.image_size,
+                              cfg.context_length, train_args.rrc_scale, train_args.seed)
 
     def loader(steps):
-        sampler = data.GlobalBatchSampler(range(len(rows)), batch_size, 1, 0, 1, train_args.seed, steps)
+        sampler = data.GlobalBatchSampler(range(len(rows)), batch_size, 1, 0, 1,
+                                          train_args.seed, steps)
         pin_memory = device.type == "cuda"
-        return iter(data.make_train_loader(dataset, sampler, train_args.workers, train_args.seed, pin_memory))
+        return iter(data.make_train_loader(dataset, sampler, train_args.workers, train_args.seed,
+                                           pin_memory))
     return loader
 
 
 def data_pipeline_rate(loader, batch_size, workers, steps):
-    """Images/s the loader delivers with nothing else running: decoded, cropped, normalised, tokenised."""
-    skip = max(1, workers)  # the workers start together, so their first batches arrive at once: skip them
+    """Images/s the loader delivers alone: decoded, cropped, normalised, tokenised."""
+    skip = max(1, workers)  # the workers start together, their first batches arrive at once: skip
     batches = loader(skip + steps)
-    return steps * batch_size / sum(time_steps(lambda: next(batches), skip, steps, torch.device("cpu")))
+    seconds = time_steps(lambda: next(batches), skip, steps, torch.device("cpu"))
+    return steps * batch_size / sum(seconds)
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 def checks_overhead():
-    """What the robustness checks of data.py cost the happy path: per image and per CSV row at start-up."""
+    """What data.py's robustness checks cost the happy path: per image, per CSV row at start-up."""
     csv_path = demo_data.ensure_demo_data()
-    root, rows = os.path.dirname(csv_path), data.read_csv(csv_path)[:600]
+    root = os.path.dirname(csv_path)
+    rows = data.read_csv(csv_path)[:600]
     max_pixels = train.parse_args([]).max_image_pixels
-    def per_image(load):  # decode + train transform of 600 demo JPEGs, one thread
+
+    def per_image(load):  # decode + train transform of the demo JPEGs, one thread
         started = time.perf_counter()
         for i, (path, caption) in enumerate(rows):
             data.train_transform(load(os.path.join(root, path), caption), 64, 0.8, i)
         return (time.perf_counter() - started) / len(rows)
-    plain, checked = [], []
+    plain = []
+    checked = []
     for _ in range(5):  # interleaved, so that a slow moment of a shared machine hits both
         plain.append(per_image(lambda path, caption: Image.open(path).convert("RGB")))
         checked.append(per_image(lambda path, caption: data.load_sample(path, caption, max_pixels)))
+    cost = 100 * (min(checked) / min(plain) - 1)
     print(f"per image: plain PIL {min(plain) * 1e6:.0f} us, data.load_sample with its checks "
-          f"{min(checked) * 1e6:.0f} us ({100 * (min(checked) / min(plain) - 1):+.1f}%)")
+          f"{min(checked) * 1e6:.0f} us ({cost:+.1f}%)")
     many = rows * 170
     started = time.perf_counter()
     data.check_paths(many, root, csv_path, False)
     per_row = (time.perf_counter() - started) / len(many)
-    print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row (QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
+    print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row "
+          f"(QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
 
 
 def print_setup(args, cfg, device, freed_memory_kept):
     """Everything that decides the figures, and the loss's memory at --world-size."""
-    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} "
-          f"torch threads, {args.precision}, deterministic {args.deterministic}, TF32 "
-          f"{torch.backends.cuda.matmul.allow_tf32}, compile {args.compile}, grad checkpointing "
-          f"{args.grad_checkpointing}")
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads, {args.precision}, "
+          f"deterministic {args.deterministic}, TF32 {torch.backends.cuda.matmul.allow_tf32}, "
+          f"compile {args.compile}, grad checkpointing {args.grad_checkpointing}")
     print(f"model {args.model}: {asdict(cfg)}")
     if device.type == "cpu":
-        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; freed memory "
-              f"kept for reuse (plumbing.keep_freed_memory): {freed_memory_kept}")
-    # The global loss scores all N*B samples against all N*B on every rank; the local loss only its B rows.
-    world_batch, mib = args.world_size * args.batch_size, 4 / 2**20
-    print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: global "
-          f"{world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, local {args.batch_size}x{world_batch} "
-          f"= {args.batch_size * world_batch * mib:.2f} MiB")
+        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; "
+              f"freed memory kept for reuse (plumbing.keep_freed_memory): {freed_memory_kept}")
+    # The global loss scores all N*B samples against all N*B on every rank; the local, its B rows.
+    world_batch = args.world_size * args.batch_size
+    mib = 4 / 2**20  # an fp32 logit
+    print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: "
+          f"global {world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, "
+          f"local {args.batch_size}x{world_batch} = {args.batch_size * world_batch * mib:.2f} MiB")
 
 
 def main(argv=None):
@@ -290,7 +335,7 @@ def main(argv=None):
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    train.seed_everything(args.seed, args.deterministic)  # before any CUDA work: it sets cuBLAS's workspace
+    train.seed_everything(args.seed, args.deterministic)  # first: it sets cuBLAS's workspace
     freed_memory_kept = plumbing.keep_freed_memory(device)
     cfg = bench_config(args)
     print_setup(args, cfg, device, freed_memory_kept)
@@ -298,7 +343,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak_now = peak_meter(device, dtype, peak_size)
     peak = peak_now(10)
-    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, the fastest of 10)")
+    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_size}x{peak_size} {args.precision} matmuls, "
+          "the fastest of 10)")
     flops = model_flops(cfg, args.batch_size)
     print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per step of {args.batch_size} "
           f"({flops / args.batch_size / 1e9:.3f} per sample, forward + backward)")
@@ -322,27 +368,32 @@ def main(argv=None):
         if not args.compile:
             raise
         reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UsageError(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). Run without "
-                         "--compile, or fix the cause (on the CPU, Inductor needs a C++ compiler).")
+        raise UsageError(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). "
+                         "Run without --compile, or fix the cause (on the CPU, Inductor needs a "
+                         "C++ compiler).")
 
     # --- 2. the data pipeline alone, then training on it
     loader = demo_loaders(cfg, train_args, device)
     images_per_s = data_pipeline_rate(loader, args.batch_size, args.workers, args.steps)
+    per = "worker" if args.workers else "main process"
     print(f"data pipeline alone: {images_per_s:.1f} images/s decoded + augmented + tokenised "
-          f"({images_per_s / max(1, args.workers):.1f} per {'worker' if args.workers else 'main process'})")
+          f"({images_per_s / max(1, args.workers):.1f} per {per})")
     batches = loader(args.warmup + args.steps)
     step = training_step(model, raw_model, optimizer, train_args, autocast, batches, device)
     pipeline_rate, _ = measure("real pipeline", step, args, flops, peak, device)
-    # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift from slowness.
+    # A shared machine's speed drifts (other tenants, clocks): the peak again tells drift apart.
     peak_after = peak_now(10)
     pipeline_mfu = flops / args.batch_size * pipeline_rate / peak_after
-    print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s ({100 * (peak_after / peak - 1):+.0f}% drift); "
+    print(f"peak again at the end: {peak_after / 1e9:.1f} GFLOP/s "
+          f"({100 * (peak_after / peak - 1):+.0f}% drift); "
           f"the real pipeline's MFU against it: {100 * pipeline_mfu:.1f}%, its "
           f"samples/s {100 * pipeline_rate / synthetic_rate:.0f}% of the synthetic figure")
 
-    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline | MFU synthetic, peak after each step |")
-    print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | {args.precision} "
-          f"| {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} | {100 * mfu_now:.1f}% |")
+    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline "
+          "| MFU synthetic, peak after each step |")
+    print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) "
+          f"| {args.precision} | {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} "
+          f"| {100 * mfu_now:.1f}% |")
 
 
 if __name__ == "__main__":
