@@ -1,12 +1,12 @@
 """CLIP in plain PyTorch: a Vision Transformer and a text Transformer trained to agree.
 
-This file holds the network and the reading of published weights into it. Parameter names are OpenAI's
-(`visual.conv1`, `transformer.resblocks.0.attn.in_proj_weight`, ...); Hugging Face's map through HF_NAMES.
+This file holds the network and the reading of published weights into it. Parameter names are
+OpenAI's (`visual.conv1`, `transformer.resblocks.0.attn.in_proj_weight`, ...); Hugging Face's map
+onto them through HF_NAMES.
 
     python -c "import model; print(model.CLIP(model.model_config('tiny')))"
-    python model.py --export-hf runs/RUN/checkpoints/latest.pt hf_out   # a transformers.CLIPModel folder
+    python model.py --export-hf runs/RUN/checkpoints/latest.pt hf_out   # a transformers.CLIPModel
 """
-import hashlib
 import json
 import math
 import os
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import UsageError, run_main
+from plumbing import UsageError, file_sha256, run_main
 
 
 @dataclass
@@ -37,7 +37,7 @@ class CLIPConfig:
     text_width: int = 512
     text_heads: int = 8
     text_layers: int = 12
-    quick_gelu: bool = False      # OpenAI's weights were trained with QuickGELU; match it when loading them
+    quick_gelu: bool = False      # OpenAI trained with QuickGELU: match it to load their weights
 
 
 PRESETS = {
@@ -46,9 +46,10 @@ PRESETS = {
     "ViT-B-16": CLIPConfig(patch_size=16),
     # A CPU-sized model for the demo and the tests: 64 px images, 8 px patches, 4+4 layers.
     # vocab_size is replaced by the size of the tokenizer trained on the captions (see data.py).
-    "tiny": CLIPConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=4,
-                       vision_head_width=32, context_length=32, vocab_size=1024, text_width=128,
-                       text_heads=4, text_layers=4),
+    "tiny": CLIPConfig(embed_dim=128, image_size=64, patch_size=8,
+                       vision_width=128, vision_layers=4, vision_head_width=32,
+                       context_length=32, vocab_size=1024,
+                       text_width=128, text_heads=4, text_layers=4),
 }
 
 
@@ -57,20 +58,24 @@ def model_config(name_or_path):
     if name_or_path in PRESETS:
         return CLIPConfig(**asdict(PRESETS[name_or_path]))
     if not os.path.isfile(name_or_path):
-        raise UsageError(f"--model {name_or_path}: not a preset ({', '.join(PRESETS)}) nor a JSON file.")
+        raise UsageError(f"--model {name_or_path}: not a preset ({', '.join(PRESETS)}) "
+                         "nor a JSON file.")
     with open(name_or_path) as f:
         cfg = json.load(f)
     try:
-        vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+        vision = cfg["vision_cfg"]
+        text = cfg["text_cfg"]
         return CLIPConfig(
-            embed_dim=cfg["embed_dim"], image_size=vision["image_size"], patch_size=vision["patch_size"],
-            vision_width=vision["width"], vision_layers=vision["layers"],
-            vision_head_width=vision.get("head_width", 64), context_length=text.get("context_length", 77),
-            vocab_size=text.get("vocab_size", 49408), text_width=text["width"], text_heads=text["heads"],
-            text_layers=text["layers"], quick_gelu=cfg.get("quick_gelu", False))
+            embed_dim=cfg["embed_dim"], image_size=vision["image_size"],
+            patch_size=vision["patch_size"], vision_width=vision["width"],
+            vision_layers=vision["layers"], vision_head_width=vision.get("head_width", 64),
+            context_length=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
+            text_width=text["width"], text_heads=text["heads"], text_layers=text["layers"],
+            quick_gelu=cfg.get("quick_gelu", False))
     except (KeyError, TypeError) as e:
-        raise UsageError(f"--model {name_or_path}: missing key {e} (expected OpenCLIP's layout: embed_dim, "
-                         "vision_cfg{image_size,patch_size,width,layers}, text_cfg{width,heads,layers}).")
+        raise UsageError(f"--model {name_or_path}: missing key {e} (expected OpenCLIP's layout: "
+                         "embed_dim, vision_cfg{image_size,patch_size,width,layers}, "
+                         "text_cfg{width,heads,layers}).")
 
 
 class QuickGELU(nn.Module):
@@ -80,9 +85,9 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection, named as nn.MultiheadAttention's (in_proj_weight,
-    out_proj), which OpenAI CLIP used. The computation is F.scaled_dot_product_attention (flash kernels on GPU),
-    except on CPU in bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
+    """Multi-head self-attention with one fused q/k/v projection, named as OpenAI CLIP's
+    nn.MultiheadAttention. F.scaled_dot_product_attention (flash kernels on GPU), except on CPU in
+    bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
     def __init__(self, width, heads):
         super().__init__()
         assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
@@ -99,7 +104,7 @@ class Attention(nn.Module):
         if not (x.is_cpu and q.dtype == torch.bfloat16):
             x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         else:  # the same attention as matmuls: softmax(q k^T / sqrt(head_width)) v
-            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                 # (B, heads, L, L)
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5          # (B, heads, L, L)
             if is_causal:  # a token sees only the tokens before it
                 scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), -math.inf)
             x = scores.softmax(dim=-1) @ v
@@ -113,8 +118,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
+        gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)),
-                                              ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+                                              ("gelu", gelu),
                                               ("c_proj", nn.Linear(4 * width, width))]))
 
     def forward(self, x, is_causal=False):
@@ -125,9 +131,12 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, quick_gelu, is_causal):
         super().__init__()
-        self.width, self.layers, self.is_causal = width, layers, is_causal
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
-        self.grad_checkpointing = False  # recompute activations in backward: less memory, ~30% more compute
+        self.width = width
+        self.layers = layers
+        self.is_causal = is_causal
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+        self.grad_checkpointing = False  # recompute activations in backward: less memory, slower
 
     def forward(self, x):  # (B, L, width) -> (B, L, width)
         for block in self.resblocks:
@@ -141,15 +150,18 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        width, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        width = cfg.vision_width
+        grid = cfg.image_size // cfg.patch_size
         scale = width ** -0.5
-        # A convolution with stride = kernel = patch size cuts the image into patches and embeds each one.
-        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        # A convolution with stride = kernel = patch size cuts the image into patches, embeds each.
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                               bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, cfg.vision_layers, width // cfg.vision_head_width,
-                                       cfg.quick_gelu, is_causal=False)
+        heads = width // cfg.vision_head_width
+        self.transformer = Transformer(width, cfg.vision_layers, heads, cfg.quick_gelu,
+                                       is_causal=False)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
@@ -157,14 +169,15 @@ class VisionTransformer(nn.Module):
         x = self.conv1(images)                                 # (B, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)                       # (B, grid*grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid*grid, width)
+        x = torch.cat([cls, x], dim=1)                         # (B, 1 + grid*grid, width)
+        x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj               # class token -> (B, embed_dim)
 
 
 # ----------------------------------------------------------------------------- published weights
 
-# Our names (OpenAI's) -> the Hugging Face CLIPModel names each is made of; "{}" stands for weight and bias.
+# Our names (OpenAI's) -> the Hugging Face CLIPModel names each is made of; "{}": weight and bias.
 HF_NAMES = {
     "visual.conv1.weight":         ("vision_model.embeddings.patch_embedding.weight",),
     "visual.class_embedding":      ("vision_model.embeddings.class_embedding",),
@@ -178,67 +191,87 @@ HF_NAMES = {
     "text_projection":             ("text_projection.weight",),        # transposed
     "logit_scale":                 ("logit_scale",),
 }
-HF_BLOCK_NAMES = {  # every residual block of both towers
+HF_BLOCK_NAMES = {  # every residual block of both towers; q, k and v are stacked into in_proj
     "ln_1.{}":          ("layer_norm1.{}",),
-    "attn.in_proj_{}":  ("self_attn.q_proj.{}", "self_attn.k_proj.{}", "self_attn.v_proj.{}"),  # stacked
+    "attn.in_proj_{}":  ("self_attn.q_proj.{}", "self_attn.k_proj.{}", "self_attn.v_proj.{}"),
     "attn.out_proj.{}": ("self_attn.out_proj.{}",),
     "ln_2.{}":          ("layer_norm2.{}",),
     "mlp.c_fc.{}":      ("mlp.fc1.{}",),
     "mlp.c_proj.{}":    ("mlp.fc2.{}",),
 }
-TRANSPOSED = ("visual.proj", "text_projection")  # (in, out) here; HF's nn.Linear weights are (out, in)
+TRANSPOSED = ("visual.proj", "text_projection")  # (in, out) here; HF's nn.Linear is (out, in)
 
 
 def hf_key_map(vision_layers, text_layers):
     """The tables above, spelled out: our name -> the tuple of HF names, for every parameter."""
     rows = dict(HF_NAMES)
-    for ours, theirs, layers in (("visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers),
-                                 ("transformer.resblocks", "text_model.encoder.layers", text_layers)):
-        rows.update({f"{ours}.{i}.{our_name}": tuple(f"{theirs}.{i}.{name}" for name in hf_names)
-                     for i in range(layers) for our_name, hf_names in HF_BLOCK_NAMES.items()})
-    return {ours.format(param): tuple(name.format(param) for name in theirs) for ours, theirs in rows.items()
-            for param in (("weight", "bias") if "{}" in ours else ("",))}
+    towers = (("visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers),
+              ("transformer.resblocks", "text_model.encoder.layers", text_layers))
+    for ours, theirs, layers in towers:
+        for i in range(layers):
+            for our_name, hf_names in HF_BLOCK_NAMES.items():
+                rows[f"{ours}.{i}.{our_name}"] = tuple(f"{theirs}.{i}.{n}" for n in hf_names)
+    key_map = {}
+    for ours, theirs in rows.items():
+        params = ("weight", "bias") if "{}" in ours else ("",)
+        for param in params:
+            key_map[ours.format(param)] = tuple(name.format(param) for name in theirs)
+    return key_map
+
+
+def count_layers(state_dict, prefix):
+    """The number of residual blocks under `prefix` ("transformer.resblocks."): distinct indices."""
+    return len({key.split(".")[prefix.count(".")] for key in state_dict if key.startswith(prefix)})
 
 
 def hf_to_openai(hf, source):
-    """A HF CLIPModel state dict -> ours: q, k, v fused into in_proj, the two projections transposed."""
-    layers = lambda tower: len({k.split(".")[3] for k in hf if k.startswith(f"{tower}.encoder.layers.")})
-    key_map = hf_key_map(layers("vision_model"), layers("text_model"))
+    """A HF CLIPModel state dict -> ours: q, k, v fused into in_proj, the projections transposed."""
+    key_map = hf_key_map(count_layers(hf, "vision_model.encoder.layers."),
+                         count_layers(hf, "text_model.encoder.layers."))
     used = {name for theirs in key_map.values() for name in theirs}
-    state_dict = {k: v for k, v in hf.items() if k not in used}  # left-overs: from_pretrained refuses them
+    state_dict = {k: v for k, v in hf.items() if k not in used}  # from_pretrained refuses these
     for ours, theirs in key_map.items():
         if any(name not in hf or hf[name].shape != hf[theirs[0]].shape for name in theirs):
-            raise UsageError(f"{source}: {' or '.join(theirs)} missing, or q, k, v of unequal shapes.")
+            raise UsageError(f"{source}: {' or '.join(theirs)} missing, "
+                             "or q, k, v of unequal shapes.")
         tensor = torch.cat([hf[name] for name in theirs]) if len(theirs) > 1 else hf[theirs[0]]
         state_dict[ours] = tensor.T if ours in TRANSPOSED else tensor
     return state_dict
 
 
 def infer_config(state_dict, folder, hf_names):
-    """Sizes from the weights' shapes, as OpenAI's build_model does; heads and activation from a config beside them."""
-    count_layers = lambda prefix: len({k.split(".")[prefix.count(".")] for k in state_dict if k.startswith(prefix)})
-    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape        # (width, 3, patch, patch)
-    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)   # 1 + grid*grid positions
+    """Sizes from the weights' shapes, as OpenAI's build_model does. Heads and activation, which
+    shapes cannot tell, from a config beside the weights, else OpenAI's (so QuiltNet's)."""
+    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape  # (width, 3, p, p)
+    positions = state_dict["visual.positional_embedding"].shape[0]            # 1 + grid*grid
     context_length, text_width = state_dict["positional_embedding"].shape
-    hints = dict(quick_gelu=True, vision_head_width=64, text_heads=text_width // 64)  # OpenAI's, so QuiltNet's
-    if hf_names and os.path.isfile(os.path.join(folder, "config.json")):  # transformers knows its defaults
-        import transformers
+    hints = dict(quick_gelu=True, vision_head_width=64, text_heads=text_width // 64)
+    open_clip_json = os.path.join(folder, "open_clip_config.json")
+    if hf_names and os.path.isfile(os.path.join(folder, "config.json")):
+        import transformers  # it knows the defaults that its config.json leaves out
         config = transformers.CLIPConfig.from_pretrained(folder, local_files_only=True)
-        vision, text = config.vision_config, config.text_config
-        hints = dict(quick_gelu=text.hidden_act == "quick_gelu", text_heads=text.num_attention_heads,
+        vision = config.vision_config
+        text = config.text_config
+        hints = dict(quick_gelu=text.hidden_act == "quick_gelu",
+                     text_heads=text.num_attention_heads,
                      vision_head_width=vision.hidden_size // vision.num_attention_heads)
-    elif os.path.isfile(os.path.join(folder, "open_clip_config.json")):  # OpenCLIP's, next to its Hub weights
-        cfg = json.load(open(os.path.join(folder, "open_clip_config.json"))).get("model_cfg", {})
-        hints = dict(quick_gelu=cfg.get("quick_gelu", False), text_heads=cfg.get("text_cfg", {}).get("heads",
-                     text_width // 64), vision_head_width=cfg.get("vision_cfg", {}).get("head_width", 64))
-    return CLIPConfig(embed_dim=state_dict["text_projection"].shape[1], image_size=grid * patch_size,
-                      patch_size=patch_size, vision_width=vision_width, context_length=context_length,
-                      vision_layers=count_layers("visual.transformer.resblocks."), text_width=text_width,
-                      vocab_size=state_dict["token_embedding.weight"].shape[0],
-                      text_layers=count_layers("transformer.resblocks."), **hints)
+    elif os.path.isfile(open_clip_json):  # OpenCLIP's, next to its Hub weights
+        with open(open_clip_json) as f:
+            cfg = json.load(f).get("model_cfg", {})
+        hints = dict(quick_gelu=cfg.get("quick_gelu", False),
+                     text_heads=cfg.get("text_cfg", {}).get("heads", text_width // 64),
+                     vision_head_width=cfg.get("vision_cfg", {}).get("head_width", 64))
+    return CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_size=round((positions - 1) ** 0.5) * patch_size,
+        patch_size=patch_size, vision_width=vision_width, context_length=context_length,
+        vision_layers=count_layers(state_dict, "visual.transformer.resblocks."),
+        text_width=text_width, vocab_size=state_dict["token_embedding.weight"].shape[0],
+        text_layers=count_layers(state_dict, "transformer.resblocks."), **hints)
 
 
-OPENAI_JIT_SHA256 = {  # OpenAI's ViT CLIPs as published (TorchScript), by the sha256 in their URLs (clip/clip.py)
+# OpenAI's ViT CLIPs as published (TorchScript), by the sha256 in their URLs (clip/clip.py).
+OPENAI_JIT_SHA256 = {
     "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af": "ViT-B-32.pt",
     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16.pt",
     "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": "ViT-L-14.pt",
@@ -251,50 +284,62 @@ def read_weights_file(path):
     try:
         if path.endswith(".safetensors"):
             return load_safetensors(path)
-        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            # A TorchScript archive is a program (torch.jit.load runs its __setstate__): we open OpenAI's only.
-            if hashlib.file_digest(open(path, "rb"), "sha256").hexdigest() not in OPENAI_JIT_SHA256:
-                raise UsageError(f"{path}: a TorchScript archive that OpenAI did not publish; if you trust it, save "
-                                 "its weights first: torch.save(torch.jit.load(PATH).state_dict(), OUT).")
+        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+        if any(name.endswith("constants.pkl") for name in names):
+            # A TorchScript archive is a program (torch.jit.load runs it): we open OpenAI's only.
+            if file_sha256(path) not in OPENAI_JIT_SHA256:
+                raise UsageError(f"{path}: a TorchScript archive that OpenAI did not publish; "
+                                 "if you trust it, save its weights first: "
+                                 "torch.save(torch.jit.load(PATH).state_dict(), OUT).")
             return torch.jit.load(path, map_location="cpu").state_dict()
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors, no objects
     except UsageError:
         raise
     except Exception as e:  # truncated, or not a weights file at all: say so in one line
-        raise UsageError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:160]!r}).")
+        reason = f"{type(e).__name__}: {str(e).strip()[:160]!r}"
+        raise UsageError(f"{path}: not a readable weights file ({reason}).")
 
 
 def read_pretrained(path):
-    """Our checkpoint (a run's checkpoints/*.pt), OpenAI's (TorchScript archive or state dict), OpenCLIP's
-    (open_clip_pytorch_model.bin or a training checkpoint) or a HF CLIPModel folder -> (state dict, CLIPConfig)."""
+    """Ours (RUN/checkpoints/*.pt), OpenAI's (TorchScript or state dict), OpenCLIP's (weights or
+    a training checkpoint) or a HF CLIPModel folder -> (state dict, CLIPConfig)."""
     if os.path.isdir(path):  # a Hugging Face CLIPModel folder
-        path = next((os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")
-                     if os.path.isfile(os.path.join(path, name))), os.path.join(path, "model.safetensors"))
+        folder = path
+        path = os.path.join(folder, "model.safetensors")  # named in the error if neither is there
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+            path = os.path.join(folder, "pytorch_model.bin")
     checkpoint = read_weights_file(path)
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict.")
     if "model" in checkpoint and "config" in checkpoint:  # one of ours: train.py's save_checkpoint
         return checkpoint["model"], CLIPConfig(**checkpoint["config"])
-    # Unwrap OpenCLIP's training checkpoints; strip DDP's and torch.compile's prefixes; drop what is no weight:
-    # OpenAI's three ints and the position_ids buffers that older versions of transformers saved.
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                  for k, v in checkpoint.get("state_dict", checkpoint).items()
-                  if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("position_ids")}
+    # Unwrap OpenCLIP's training checkpoints; strip DDP's and torch.compile's prefixes; drop what
+    # is no weight: OpenAI's three ints and the position_ids buffers of older transformers.
+    openai_ints = ("input_resolution", "context_length", "vocab_size")
+    state_dict = {}
+    for key, value in checkpoint.get("state_dict", checkpoint).items():
+        if key not in openai_ints and not key.endswith("position_ids"):
+            state_dict[key.removeprefix("module.").removeprefix("_orig_mod.")] = value
     hf_names = any(key.startswith("text_model.") for key in state_dict)
-    state_dict = hf_to_openai(state_dict, path) if hf_names else state_dict
-    if torch.is_tensor(state_dict.get("logit_scale")) and state_dict["logit_scale"].numel() == 1:
-        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(())  # a scalar here, 1-d in some files
+    if hf_names:
+        state_dict = hf_to_openai(state_dict, path)
+    logit_scale = state_dict.get("logit_scale")
+    if torch.is_tensor(logit_scale) and logit_scale.numel() == 1:
+        state_dict["logit_scale"] = logit_scale.reshape(())  # a scalar here, 1-d in some files
     try:
         return state_dict, infer_config(state_dict, os.path.dirname(path), hf_names)
     except (KeyError, ValueError, AttributeError) as e:
-        raise UsageError(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF ({type(e).__name__}: {e!s:.160}).")
+        raise UsageError(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF "
+                         f"({type(e).__name__}: {e!s:.160}).")
 
 
 def run_tokenizer_folder(checkpoint):
-    """RUN/checkpoints/X.pt -> RUN/tokenizer, the tokenizer that run trained with; None for other weights."""
-    checkpoints, _ = os.path.split(os.path.abspath(checkpoint))
+    """RUN/checkpoints/X.pt -> RUN/tokenizer, the tokenizer that run trained with; else None."""
+    checkpoints = os.path.dirname(os.path.abspath(checkpoint))
     folder = os.path.join(os.path.dirname(checkpoints), "tokenizer")
-    return folder if os.path.basename(checkpoints) == "checkpoints" and os.path.isdir(folder) else None
+    if os.path.basename(checkpoints) == "checkpoints" and os.path.isdir(folder):
+        return folder
+    return None
 
 
 class CLIP(nn.Module):
@@ -302,8 +347,9 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         self.visual = VisionTransformer(cfg)
-        # The text encoder lives at the top level, with OpenAI's names; causal: a token sees only the tokens before it.
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, is_causal=True)
+        # The text tower lives at the top level (OpenAI's names); causal: a token sees its past.
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
+                                       cfg.quick_gelu, is_causal=True)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = nn.LayerNorm(cfg.text_width)
@@ -318,7 +364,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         for tower in (self.visual.transformer, self.transformer):
             proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
-            attn_std, fc_std = tower.width ** -0.5, (2 * tower.width) ** -0.5
+            attn_std = tower.width ** -0.5
+            fc_std = (2 * tower.width) ** -0.5
             for block in tower.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
                 nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -337,16 +384,16 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens):
         """(B, context_length) token ids -> (B, embed_dim) projected, unnormalised features."""
-        x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        positions = self.positional_embedding.to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(tokens) + positions
         x = self.ln_final(self.transformer(x))                 # (B, context_length, text_width)
-        # Pool at the end-of-text token: with causal attention it is the first position that has seen
-        # the whole caption. The tokenizers used here give end-of-text the largest id (49407 in CLIP's
-        # vocabulary; data.py appends it last to the vocabulary it trains), so argmax finds it.
+        # Pool at end-of-text, the first position that has seen the whole caption (causal). Our
+        # tokenizers give it the largest id (49407 in CLIP's; data.py adds it last): argmax.
         eot = tokens.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(self, images, tokens):
-        """What the contrastive loss needs: L2-normalised features of both towers and exp(logit_scale)."""
+        """What the contrastive loss needs: both towers' unit-length features, exp(logit_scale)."""
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
@@ -358,43 +405,53 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Ours, OpenAI's, OpenCLIP's or a HF CLIPModel (see read_pretrained) -> CLIP in eval mode, CPU, float32."""
+        """Any weights read_pretrained reads -> CLIP in eval mode, on the CPU, in float32."""
         state_dict, cfg = read_pretrained(path)
         model = cls(cfg)
         expected = model.state_dict()
-        # Every parameter exactly once, in the shape the sizes imply: never a silent, half-random partial load.
+        # Every parameter once, in the shape the sizes imply: never a silent, half-random load.
         for key in sorted(expected.keys() | state_dict.keys()):
-            found, needed = (tuple(d[key].shape) if key in d else "nothing" for d in (state_dict, expected))
+            found = tuple(state_dict[key].shape) if key in state_dict else "nothing"
+            needed = tuple(expected[key].shape) if key in expected else "nothing"
             if found != needed:
-                raise UsageError(f"{path}: {key} is {found}, where a CLIP of the sizes it implies needs {needed}.")
+                raise UsageError(f"{path}: {key} is {found}, "
+                                 f"where a CLIP of the sizes it implies needs {needed}.")
         model.load_state_dict(state_dict)
         return model.eval()
 
 
-# ----------------------------------------------------------------------------- export to Hugging Face
+# ----------------------------------------------------------------------------- to Hugging Face
 
 def export_hf(checkpoint, out_dir):
-    """Any weights CLIP.from_pretrained reads -> a transformers.CLIPModel folder (+ the run's tokenizer)."""
+    """Any weights CLIP.from_pretrained reads -> a transformers.CLIPModel folder (+ tokenizer)."""
     import transformers
     model = CLIP.from_pretrained(checkpoint)
-    cfg, act = model.config, "quick_gelu" if model.config.quick_gelu else "gelu"
-    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, hidden_act=act,
-                  num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_width // cfg.vision_head_width,
+    cfg = model.config
+    act = "quick_gelu" if cfg.quick_gelu else "gelu"
+    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+                  hidden_act=act, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_width // cfg.vision_head_width,
                   image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = dict(hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width, hidden_act=act,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size,
-                max_position_embeddings=cfg.context_length, pad_token_id=0,  # data.tokenize pads with 0
-                eos_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2)  # HF pools at the first eos
-    hf_model = transformers.CLIPModel(transformers.CLIPConfig(projection_dim=cfg.embed_dim, vision_config=vision,
-                                                              text_config=text))
-    state_dict, hf_state_dict = model.state_dict(), {}
-    for ours, theirs in hf_key_map(cfg.vision_layers, cfg.text_layers).items():  # hf_to_openai, inverted
+    # data.tokenize pads with 0; HF pools at the first eos, the largest id.
+    text = dict(hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                hidden_act=act, num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size,
+                max_position_embeddings=cfg.context_length, pad_token_id=0,
+                eos_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2)
+    hf_model = transformers.CLIPModel(transformers.CLIPConfig(
+        projection_dim=cfg.embed_dim, vision_config=vision, text_config=text))
+    state_dict = model.state_dict()
+    hf_state_dict = {}
+    # hf_to_openai, inverted: the projections transposed back, in_proj split into q, k, v.
+    for ours, theirs in hf_key_map(cfg.vision_layers, cfg.text_layers).items():
         tensor = state_dict[ours].T if ours in TRANSPOSED else state_dict[ours]
-        hf_state_dict.update(zip(theirs, tensor.chunk(len(theirs)) if len(theirs) > 1 else [tensor]))
+        parts = tensor.chunk(len(theirs)) if len(theirs) > 1 else [tensor]
+        hf_state_dict.update(zip(theirs, parts))
     hf_model.load_state_dict(hf_state_dict, strict=True)  # every HF weight set, none left over
     hf_model.save_pretrained(out_dir)
-    if run_tokenizer_folder(checkpoint):  # else transformers.AutoTokenizer finds a 2-token default there
-        shutil.copytree(run_tokenizer_folder(checkpoint), out_dir, dirs_exist_ok=True)
+    tokenizer = run_tokenizer_folder(checkpoint)
+    if tokenizer:  # else transformers.AutoTokenizer finds a 2-token default there
+        shutil.copytree(tokenizer, out_dir, dirs_exist_ok=True)
 
 
 def main(argv=None):
