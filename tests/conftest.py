@@ -1,4 +1,9 @@
-"""Shared fixtures: the demo dataset and one short demo training run, made once per test session."""
+"""Shared fixtures: the demo dataset and one short demo training run, made once per test session.
+
+Two tiers (pytest.ini): tests that launch processes or train carry @pytest.mark.slow, and
+`python -m pytest -q -m "not slow"` runs the rest in about a minute. One exception: the gloo
+process groups of test_loss.py stay in the quick tier, for they are the proof of the loss.
+"""
 import contextlib
 import os
 import signal
@@ -11,16 +16,36 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# Session fixtures that train; a test that asks for one (even through another fixture) is slow.
+TRAINING_FIXTURES = {"demo_run", "uninterrupted"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep the quick tier quick: refuse a test that trains without @pytest.mark.slow.
+
+    Otherwise `-m "not slow"` would quietly start the session's demo training for it.
+    """
+    for item in items:
+        trains = TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if trains and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {sorted(trains)}, which train: mark it @pytest.mark.slow")
+
 
 def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
     """Run train.py as users do: `python train.py` for one process, `torchrun` for several."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                   "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run([*launcher, os.path.join(REPO, "train.py"), *map(str, flags)], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout,
+    if nproc == 1:
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run",
+                    "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*launcher, os.path.join(REPO, "train.py"), *map(str, flags)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(f"train.py failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
@@ -28,22 +53,28 @@ def relative_difference(a, b, names=None):
     """|a - b| / |b| over all the tensors of two state dicts at once (or over those in `names`).
 
     Not per tensor: the key part of in_proj_bias has an exactly zero gradient (softmax ignores a
-    constant added to every key), so its "gradient" is pure rounding noise that Adam normalises into
-    full-size steps; per tensor it differs by ~1e-3 between world sizes, while the whole model differs
-    by ~5e-7.
+    constant added to every key), so its "gradient" is pure rounding noise that Adam normalises
+    into full-size steps; per tensor it differs by ~1e-3 between world sizes, while the whole
+    model differs by ~5e-7.
     """
-    flat_a, flat_b = (torch.cat([s[k].flatten() for k in (names or sorted(s))]) for s in (a, b))
+    def flatten(state):
+        return torch.cat([state[k].flatten() for k in (names or sorted(state))])
+
+    flat_a = flatten(a)
+    flat_b = flatten(b)
     return ((flat_a - flat_b).norm() / flat_b.norm()).item()
 
 
 def kill_job(job):
-    """kill -9 a torchrun job started with start_new_session=True, all of it at once, as a power cut would.
+    """kill -9 a torchrun job started with start_new_session=True, all of it at once, as a power
+    cut would.
 
-    torchrun starts each worker in a session of its own, so os.killpg(job.pid) alone kills torchrun and
-    leaves its workers training on as orphans, still writing checkpoints into the run folder.
+    torchrun starts each worker in a session of its own, so os.killpg(job.pid) alone kills torchrun
+    and leaves its workers training on as orphans, still writing checkpoints into the run folder.
     """
     job.send_signal(signal.SIGSTOP)  # torchrun starts no more workers from here on
-    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+    workers = children.stdout.split()
     for group in [job.pid, *map(int, workers)]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
@@ -78,17 +109,18 @@ def small_csv(demo_csv, tmp_path_factory):
 
 def small_run(small_csv, demo_csv, out, *flags, nproc=1, **kw):
     """A few steps of the tiny model on `small_csv`; returns the final checkpoint."""
-    run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--output-dir", out,
-              "--workers", 0, *flags, nproc=nproc, **kw)
+    run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
+              "--output-dir", out, "--workers", 0, *flags, nproc=nproc, **kw)
     return torch.load(os.path.join(out, "checkpoints", "latest.pt"), weights_only=True)
 
 
-STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]  # each step saved and logged
+# Each step saved and logged.
+STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 1]
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(small_csv, demo_csv, tmp_path_factory):
-    """8 steps on 2 ranks, never interrupted, with STEPS: the run folder and the final checkpoint that
-    interrupted and repeated runs must equal."""
+    """8 steps on 2 ranks, never interrupted, with STEPS: the run folder and the final checkpoint
+    that interrupted and repeated runs must equal."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2)

@@ -43,6 +43,7 @@ def test_model_flops_match_flop_counter_mode_on_a_training_step(cfg, batch_size)
     assert abs(analytic - counted) <= 1e-6 * counted, f"analytic {analytic} vs FlopCounterMode {counted}"
 
 
+@pytest.mark.slow
 def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
     flags = ["--steps", 2, "--warmup", 1, "--batch-size", 8, "--workers", 1, "--threads", 1, "--peak-size", 256,
              "--width", 64, "--layers", 1, "--text-width", 64, "--text-layers", 1, "--embed-dim", 32]
@@ -74,6 +75,7 @@ print(kept, sum(faults[-5:]))  # once settled: glibc's heap took 4-8 steps to se
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or os.environ.get("LD_PRELOAD"),
                     reason="glibc's own malloc (not one preloaded in its place, such as jemalloc or tcmalloc)")
 def test_keep_freed_memory_lets_each_step_reuse_the_pages_of_the_step_before():

@@ -149,12 +149,14 @@ def demo_results(demo_run, tmp_path_factory):
     return json.loads(output.read_text())
 
 
+@pytest.mark.slow
 def test_zero_shot_on_the_demo_checkpoint_beats_chance(demo_results):
     for task, scores in demo_results["datasets"].items():
         chance = 1 / len(evaluate.TASKS[task])
         assert scores["zero_shot"]["balanced_accuracy"] > chance + 0.1, (task, scores["zero_shot"])
 
 
+@pytest.mark.slow
 def test_linear_probe_beats_zero_shot_on_the_demo(demo_results):
     scores = demo_results["datasets"]
     probe, zero = ([scores[task][method]["balanced_accuracy"] for task in scores] for method in ("linear_probe", "zero_shot"))
@@ -168,6 +170,7 @@ def test_linear_probe_beats_zero_shot_on_the_demo(demo_results):
     assert len(demo_results["checkpoint_sha256"]) == 64 and set(demo_results["fingerprints"]) == set(scores)
 
 
+@pytest.mark.slow
 def test_probe_rerun_reads_cached_features_and_is_identical(demo_run, demo_results, tmp_path, monkeypatch):
     def no_encoding(*args, **kwargs):
         raise AssertionError("images were encoded again")

@@ -158,6 +158,7 @@ def test_hf_folder_with_pytorch_model_bin_loads_the_same(hf_clip, tmp_path):
     assert_same_weights(CLIP.from_pretrained(str(tmp_path)).state_dict(), CLIP.from_pretrained(folder).state_dict())
 
 
+@pytest.mark.slow
 def test_export_hf_round_trip_is_exact(hf_clip, inputs, tokenizer_dir, tmp_path):
     folder, hf_model = hf_clip
     ours = CLIP.from_pretrained(folder)
@@ -279,6 +280,7 @@ def test_clip_tokenizer_folder_pads_and_ends_like_clip(tokenizer_dir):
         assert row[0] == tokenizer.bos_token_id and row.index(max(row)) == end - 1  # argmax is the first EOT
 
 
+@pytest.mark.slow
 def test_one_step_finetune_from_hf_weights_under_torchrun(demo_csv, hf_openai_sized, tokenizer_dir, tmp_path):
     hf_dir = hf_openai_sized[0]
     start = CLIP.from_pretrained(hf_dir)

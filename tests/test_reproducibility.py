@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, STEPS, kill_job, relative_difference, small_run
@@ -16,6 +17,7 @@ def assert_identical(a, b):
         assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(small_csv, demo_csv, uninterrupted, tmp_path):
     # Run a saves and logs every step (STEPS), b once per epoch: that must change nothing either.
     (a, first), flags = uninterrupted, ["--batch-size", 8, "--max-steps", 8]
@@ -27,6 +29,7 @@ def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(small_c
     assert relative_difference(runs[0]["model"], runs[2]["model"]) > 0.1
 
 
+@pytest.mark.slow
 def test_data_loader_workers_do_not_change_the_weights(small_csv, demo_csv, tmp_path):
     runs = [small_run(small_csv, demo_csv, tmp_path / f"w{w}", "--max-steps", 8, "--batch-size", 16, "--workers", w)
             for w in (0, 1, 2)]
@@ -34,6 +37,7 @@ def test_data_loader_workers_do_not_change_the_weights(small_csv, demo_csv, tmp_
     assert_identical(runs[0]["model"], runs[2]["model"])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(small_csv, demo_csv, uninterrupted, tmp_path):
     reference = uninterrupted[1]
     # A real kill -9 of the whole job once a mid-epoch checkpoint (step 4 of 3-step epochs) exists.
@@ -56,6 +60,7 @@ def test_resume_after_kill_is_bit_identical(small_csv, demo_csv, uninterrupted, 
     assert logged == list(range(1, 9)), f"the resumed log repeats or skips steps: {logged}"
 
 
+@pytest.mark.slow
 def test_global_batch_is_the_same_on_any_world_size_and_accumulation(small_csv, demo_csv, tmp_path):
     # fp32: the promise is "equal up to the order of floating-point sums", measured at fp32's resolution.
     flags = ["--max-steps", 10, "--lr", "1e-3", "--warmup", 2, "--precision", "fp32"]
@@ -69,6 +74,7 @@ def test_global_batch_is_the_same_on_any_world_size_and_accumulation(small_csv, 
     assert relative_difference(other_seed, one) > 0.1
 
 
+@pytest.mark.slow
 def test_manifest_records_everything_that_decides_a_result(small_csv, demo_csv, tmp_path):
     small_run(small_csv, demo_csv, tmp_path / "run", "--max-steps", 2, "--batch-size", 8, "--no-deterministic", nproc=2)
     manifest = json.load(open(tmp_path / "run" / "manifest.json"))

@@ -124,6 +124,7 @@ def messy_csv(demo_csv, tmp_path_factory):
     return folder / "messy.csv"
 
 
+@pytest.mark.slow
 def test_a_bad_image_stops_the_run_with_its_row(messy_csv, tmp_path):
     result = run_train("--train-data", messy_csv, "--allow-absolute-paths", "--batch-size", 26, "--max-steps", 1,
                        "--workers", 1, "--output-dir", tmp_path / "run", check=False)
@@ -132,6 +133,7 @@ def test_a_bad_image_stops_the_run_with_its_row(messy_csv, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_samples_skip_is_decided_before_training_and_deterministic(messy_csv, tmp_path):
     flags = ["--train-data", messy_csv, "--allow-absolute-paths", "--batch-size", 4, "--max-steps", 3,
              "--bad-samples", "skip", "--workers", 0]
@@ -158,6 +160,7 @@ def test_impossible_flags_are_rejected_before_any_work(flags, expected):
     assert expected in one_line_exit(train.parse_args, flags)
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_data_is_rejected(small_csv, demo_csv, tmp_path):
     result = run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 32,
                        "--accum-steps", 2, "--output-dir", tmp_path, check=False)
@@ -167,6 +170,7 @@ def test_a_batch_larger_than_the_data_is_rejected(small_csv, demo_csv, tmp_path)
 
 # ----------------------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
     target = tmp_path / "step_2.pt"
     torch.save({"step": 2}, target)
@@ -217,6 +221,7 @@ def test_an_unwritable_output_dir_is_refused(tmp_path):
     assert "cannot create it" in one_line_exit(train.make_run_dir, args)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_with_its_step_and_keeps_the_good_checkpoint(small_csv, demo_csv, tmp_path):
     common = ["--train-data", small_csv, "--image-root", os.path.dirname(demo_csv), "--batch-size", 8,
               "--max-steps", 6, "--save-every", 1, "--workers", 0]
@@ -255,6 +260,7 @@ def assert_trained_as_if_never_interrupted(reference, run_dir):
     assert logged == list(range(1, reference["step"] + 1)), f"the log repeats or skips steps: {logged}"
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(small_csv, demo_csv, uninterrupted, tmp_path):
     """One rank dies; torchrun --max-restarts starts a new group, which continues with --resume auto.
 
@@ -299,6 +305,7 @@ def test_restarts_on_several_nodes_sharing_torchruns_store_are_refused_before_th
         plumbing.setup_distributed()
 
 
+@pytest.mark.slow
 def test_kills_of_the_whole_job_at_random_moments_lose_nothing(small_csv, demo_csv, uninterrupted, tmp_path):
     """kill -9 of the whole job at three random moments, each followed by --resume auto.
 
