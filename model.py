@@ -38,6 +38,14 @@ class CLIPConfig:
     text_heads: int = 8
     text_layers: int = 12
     quick_gelu: bool = False      # OpenAI trained with QuickGELU: match it to load their weights
+    # OpenCLIP's options, at its defaults (which are OpenAI's network):
+    vision_mlp_ratio: float = 4.0
+    vision_ls_init_value: float = None  # LayerScale's first gain; None: no LayerScale
+    text_ls_init_value: float = None
+    vision_pool_type: str = "tok"       # the class token; "avg": the mean of the patch tokens
+    text_pool_type: str = "argmax"      # end-of-text; "first" / "last": that position
+    vision_no_ln_pre: bool = False
+    text_proj_bias: bool = False
 
 
 PRESETS = {
@@ -52,9 +60,37 @@ PRESETS = {
                        text_width=128, text_heads=4, text_layers=4),
 }
 
+# An OpenCLIP model config (its model_configs/*.json): each key built here -> our field.
+OPEN_CLIP_KEYS = {
+    "": {"embed_dim": "embed_dim", "quick_gelu": "quick_gelu"},
+    "vision_cfg": {"image_size": "image_size", "patch_size": "patch_size",
+                   "width": "vision_width", "layers": "vision_layers",
+                   "head_width": "vision_head_width", "mlp_ratio": "vision_mlp_ratio",
+                   "ls_init_value": "vision_ls_init_value", "pool_type": "vision_pool_type",
+                   "no_ln_pre": "vision_no_ln_pre"},
+    "text_cfg": {"context_length": "context_length", "vocab_size": "vocab_size",
+                 "width": "text_width", "heads": "text_heads", "layers": "text_layers",
+                 "ls_init_value": "text_ls_init_value", "pool_type": "text_pool_type",
+                 "proj_bias": "text_proj_bias"},
+}
+# Keys accepted only at the default of OpenCLIP's CLIPVisionCfg / CLIPTextCfg / CLIP, where
+# they change nothing in the network. Any other key or value is refused by name.
+OPEN_CLIP_DEFAULTS = {
+    "": {"custom_text": False, "init_logit_bias": None},
+    "vision_cfg": {"patch_dropout": 0.0, "attentional_pool": False, "pos_embed_type": "learnable",
+                   "final_ln_after_pool": False, "output_tokens": False, "act_kwargs": None,
+                   "norm_kwargs": None, "block_type": None, "timm_model_name": None},
+    "text_cfg": {"mlp_ratio": 4.0, "embed_cls": False, "no_causal_mask": False,
+                 "final_ln_after_pool": False, "proj_type": "linear", "output_tokens": False,
+                 "act_kwargs": None, "norm_kwargs": None, "block_type": None,
+                 "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None},
+}
+POOL_TYPES = {"": (), "vision_cfg": ("tok", "avg"), "text_cfg": ("argmax", "first", "last")}
+
 
 def model_config(name_or_path):
-    """A preset name, or a JSON file in OpenCLIP's model-config layout."""
+    """A preset name, or a JSON file in OpenCLIP's model-config layout, built as OpenCLIP builds
+    it (its defaults where the file is silent), or refused naming the key that is not built."""
     if name_or_path in PRESETS:
         return CLIPConfig(**asdict(PRESETS[name_or_path]))
     if not os.path.isfile(name_or_path):
@@ -62,20 +98,28 @@ def model_config(name_or_path):
                          "nor a JSON file.")
     with open(name_or_path) as f:
         cfg = json.load(f)
-    try:
-        vision = cfg["vision_cfg"]
-        text = cfg["text_cfg"]
-        return CLIPConfig(
-            embed_dim=cfg["embed_dim"], image_size=vision["image_size"],
-            patch_size=vision["patch_size"], vision_width=vision["width"],
-            vision_layers=vision["layers"], vision_head_width=vision.get("head_width", 64),
-            context_length=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
-            text_width=text["width"], text_heads=text["heads"], text_layers=text["layers"],
-            quick_gelu=cfg.get("quick_gelu", False))
-    except (KeyError, TypeError) as e:
-        raise UsageError(f"--model {name_or_path}: missing key {e} (expected OpenCLIP's layout: "
-                         "embed_dim, vision_cfg{image_size,patch_size,width,layers}, "
-                         "text_cfg{width,heads,layers}).")
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in cfg]
+    if missing:
+        raise UsageError(f"--model {name_or_path}: no {', '.join(missing)}; not an OpenCLIP "
+                         "model config (embed_dim, vision_cfg{...}, text_cfg{...}).")
+    fields = {"patch_size": 16}  # OpenCLIP's default; CLIPConfig's is ViT-B-32's
+    for section, built in OPEN_CLIP_KEYS.items():
+        defaults = OPEN_CLIP_DEFAULTS[section]
+        values = cfg[section] if section else cfg
+        for key, value in values.items():
+            name = f"{section}.{key}".lstrip(".")
+            if key == "pool_type" and value not in POOL_TYPES[section]:
+                raise UsageError(f"--model {name_or_path}: {name} {value!r} is not built here; "
+                                 f"use one of {', '.join(POOL_TYPES[section])}.")
+            if key in built:
+                fields[built[key]] = value
+            elif key not in OPEN_CLIP_KEYS and (key not in defaults or defaults[key] != value):
+                raise UsageError(f"--model {name_or_path}: {name} = {json.dumps(value)} is not "
+                                 "built here; remove it, or train this model with OpenCLIP.")
+    if not isinstance(fields.get("vision_layers", 12), int):
+        raise UsageError(f"--model {name_or_path}: vision_cfg.layers is a list, a ResNet tower; "
+                         "only ViTs are built here.")
+    return CLIPConfig(**fields)
 
 
 class QuickGELU(nn.Module):
@@ -86,15 +130,17 @@ class QuickGELU(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection, named as OpenAI CLIP's
-    nn.MultiheadAttention. F.scaled_dot_product_attention (flash kernels on GPU), except on CPU in
-    bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
+    nn.MultiheadAttention, and initialised as it is: in_proj xavier-uniform, out_proj as an
+    nn.Linear, both biases zero. F.scaled_dot_product_attention (flash kernels on GPU), except on
+    CPU in bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
     def __init__(self, width, heads):
         super().__init__()
         assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, is_causal):
         B, L, D = x.shape
@@ -111,31 +157,47 @@ class Attention(nn.Module):
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-    def __init__(self, width, heads, quick_gelu):
+class LayerScale(nn.Module):
+    """A learned gain per channel on a residual branch, started small (CaiT; OpenCLIP's option)."""
+    def __init__(self, width, init_value):
         super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(width))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); each branch
+    scaled by a LayerScale if ls_init_value is set. mlp_ratio * width, truncated, as OpenCLIP."""
+    def __init__(self, width, heads, quick_gelu, mlp_ratio=4.0, ls_init_value=None):
+        super().__init__()
+        mlp_width = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         gelu = QuickGELU() if quick_gelu else nn.GELU()
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)),
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, mlp_width)),
                                               ("gelu", gelu),
-                                              ("c_proj", nn.Linear(4 * width, width))]))
+                                              ("c_proj", nn.Linear(mlp_width, width))]))
+        no_scale = ls_init_value is None
+        self.ls_1 = nn.Identity() if no_scale else LayerScale(width, ls_init_value)
+        self.ls_2 = nn.Identity() if no_scale else LayerScale(width, ls_init_value)
 
     def forward(self, x, is_causal=False):
-        x = x + self.attn(self.ln_1(x), is_causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.ls_1(self.attn(self.ln_1(x), is_causal))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu, is_causal):
+    def __init__(self, width, layers, heads, quick_gelu, is_causal, **block_options):
         super().__init__()
         self.width = width
         self.layers = layers
         self.is_causal = is_causal
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+            ResidualAttentionBlock(width, heads, quick_gelu, **block_options)
+            for _ in range(layers))
         self.grad_checkpointing = False  # recompute activations in backward: less memory, slower
 
     def forward(self, x):  # (B, L, width) -> (B, L, width)
@@ -148,20 +210,24 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """Initialised as OpenAI and OpenCLIP leave it: PyTorch's defaults (conv1, every block, as
+    nn.MultiheadAttention and nn.Linear do), the embeddings and proj N(0, 1/width)."""
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         width = cfg.vision_width
         grid = cfg.image_size // cfg.patch_size
         scale = width ** -0.5
+        self.pool_type = cfg.vision_pool_type
         # A convolution with stride = kernel = patch size cuts the image into patches, embeds each.
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
                                bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = nn.Identity() if cfg.vision_no_ln_pre else nn.LayerNorm(width)
         heads = width // cfg.vision_head_width
         self.transformer = Transformer(width, cfg.vision_layers, heads, cfg.quick_gelu,
-                                       is_causal=False)
+                                       is_causal=False, mlp_ratio=cfg.vision_mlp_ratio,
+                                       ls_init_value=cfg.vision_ls_init_value)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
@@ -172,6 +238,8 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1)                         # (B, 1 + grid*grid, width)
         x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
+        if self.pool_type == "avg":  # the mean of the patch tokens, the class token left out
+            return self.ln_post(x[:, 1:]).mean(dim=1) @ self.proj
         return self.ln_post(x[:, 0]) @ self.proj               # class token -> (B, embed_dim)
 
 
@@ -349,30 +417,37 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg)
         # The text tower lives at the top level (OpenAI's names); causal: a token sees its past.
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
-                                       cfg.quick_gelu, is_causal=True)
+                                       cfg.quick_gelu, is_causal=True,
+                                       ls_init_value=cfg.text_ls_init_value)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = nn.LayerNorm(cfg.text_width)
-        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        if cfg.text_proj_bias:  # OpenCLIP's option: an nn.Linear, so its weight is (out, in)
+            self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
         # A learned temperature, kept in log space: logits = exp(logit_scale) * cosine similarity.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.init_parameters()
 
     def init_parameters(self):
-        """OpenAI CLIP's initialisation (clip/model.py, build-from-scratch path)."""
+        """The text tower's initialisation, OpenAI's (clip/model.py) as OpenCLIP keeps it: normal
+        weights whose std shrinks with width (and depth, for the projections back into the
+        residual stream); the biases keep PyTorch's defaults. The vision tower is left as built."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.visual.transformer, self.transformer):
-            proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
-            attn_std = tower.width ** -0.5
-            fc_std = (2 * tower.width) ** -0.5
-            for block in tower.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.zeros_(block.attn.out_proj.bias)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        width = self.transformer.width
+        proj_std = (width ** -0.5) * ((2 * self.transformer.layers) ** -0.5)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if self.config.text_proj_bias:
+            nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        else:
+            nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def set_grad_checkpointing(self, enable=True):
         self.visual.transformer.grad_checkpointing = enable
@@ -387,10 +462,17 @@ class CLIP(nn.Module):
         positions = self.positional_embedding.to(self.token_embedding.weight.dtype)
         x = self.token_embedding(tokens) + positions
         x = self.ln_final(self.transformer(x))                 # (B, context_length, text_width)
-        # Pool at end-of-text, the first position that has seen the whole caption (causal). Our
-        # tokenizers give it the largest id (49407 in CLIP's; data.py adds it last): argmax.
-        eot = tokens.argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        if self.config.text_pool_type == "first":
+            x = x[:, 0]
+        elif self.config.text_pool_type == "last":
+            x = x[:, -1]
+        else:  # "argmax": end-of-text, the first position that has seen the whole caption
+            # (causal). Our tokenizers give it the largest id (49407 in CLIP's; data.py's last).
+            eot = tokens.argmax(dim=-1)
+            x = x[torch.arange(x.shape[0], device=x.device), eot]   # (B, text_width)
+        if self.config.text_proj_bias:
+            return self.text_projection(x)
+        return x @ self.text_projection
 
     def forward(self, images, tokens):
         """What the contrastive loss needs: both towers' unit-length features, exp(logit_scale)."""
@@ -422,22 +504,39 @@ class CLIP(nn.Module):
 
 # ----------------------------------------------------------------------------- to Hugging Face
 
+# OpenCLIP's options that transformers' CLIPModel (OpenAI's network) has no place for.
+NOT_IN_HF = ("vision_ls_init_value", "text_ls_init_value", "vision_pool_type", "text_pool_type",
+             "vision_no_ln_pre", "text_proj_bias")
+
+
 def export_hf(checkpoint, out_dir):
     """Any weights CLIP.from_pretrained reads -> a transformers.CLIPModel folder (+ tokenizer)."""
     import transformers
     model = CLIP.from_pretrained(checkpoint)
     cfg = model.config
+    options = [name for name in NOT_IN_HF if getattr(cfg, name) != getattr(CLIPConfig, name)]
+    if options:
+        raise UsageError(f"{checkpoint}: {', '.join(options)} set, which transformers' "
+                         "CLIPModel cannot hold; keep this model in our format.")
+    # HF pools at the first eos_token_id: the run's tokenizer's (it may be smaller than the
+    # vocabulary), else OpenAI's layout, end-of-text the last id. data.tokenize pads with 0.
+    ids = dict(bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1, pad_token_id=0)
+    tokenizer_folder = run_tokenizer_folder(checkpoint)
+    if tokenizer_folder:
+        import data
+        tokenizer = data.load_tokenizer(tokenizer_folder)
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     act = "quick_gelu" if cfg.quick_gelu else "gelu"
-    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
-                  hidden_act=act, num_hidden_layers=cfg.vision_layers,
+    vision = dict(hidden_size=cfg.vision_width, hidden_act=act,
+                  intermediate_size=int(cfg.vision_width * cfg.vision_mlp_ratio),
+                  num_hidden_layers=cfg.vision_layers,
                   num_attention_heads=cfg.vision_width // cfg.vision_head_width,
                   image_size=cfg.image_size, patch_size=cfg.patch_size)
-    # data.tokenize pads with 0; HF pools at the first eos, the largest id.
     text = dict(hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
                 hidden_act=act, num_hidden_layers=cfg.text_layers,
                 num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size,
-                max_position_embeddings=cfg.context_length, pad_token_id=0,
-                eos_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2)
+                max_position_embeddings=cfg.context_length, **ids)
     hf_model = transformers.CLIPModel(transformers.CLIPConfig(
         projection_dim=cfg.embed_dim, vision_config=vision, text_config=text))
     state_dict = model.state_dict()
@@ -449,9 +548,8 @@ def export_hf(checkpoint, out_dir):
         hf_state_dict.update(zip(theirs, parts))
     hf_model.load_state_dict(hf_state_dict, strict=True)  # every HF weight set, none left over
     hf_model.save_pretrained(out_dir)
-    tokenizer = run_tokenizer_folder(checkpoint)
-    if tokenizer:  # else transformers.AutoTokenizer finds a 2-token default there
-        shutil.copytree(tokenizer, out_dir, dirs_exist_ok=True)
+    if tokenizer_folder:  # else transformers.AutoTokenizer finds a 2-token default there
+        shutil.copytree(tokenizer_folder, out_dir, dirs_exist_ok=True)
 
 
 def main(argv=None):
