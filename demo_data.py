@@ -1,98 +1,171 @@
-"""The demo dataset: synthetic H&E-like tiles, generated deterministically on first use, so that
-`torchrun --standalone --nproc_per_node=2 train.py` runs offline out of the box. Not the lesson:
-nothing here is about CLIP; it only paints pictures whose captions a CLIP model can learn.
+"""The image sets on disk: the benchmarks' released layouts (PatchCamelyon HDF5, LC25000 folders,
+image folders) and the synthetic demo written in those same layouts, so that train.py and
+evaluate.py run offline out of the box. Not the lesson: nothing here is about CLIP.
 
     python demo_data.py       # writes the demo dataset into data/demo and prints where
 """
 import csv
+import hashlib
 import os
 import shutil
 import sys
 import time
 
+import h5py
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-from plumbing import REPO_DIR
+import data
+from plumbing import REPO_DIR, UsageError
 
 DEMO_DIR = os.path.join(REPO_DIR, "data", "demo")
+LC25000_SUBFOLDER = {"lc25000_lung": "lung_image_sets", "lc25000_colon": "colon_image_sets"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
-# Synthetic H&E-like tiles. Each tile is drawn as stain concentrations (hematoxylin for nuclei,
-# eosin for cytoplasm and stroma) turned into colour by Beer-Lambert's law, as real stains absorb.
-# Classes differ by subtle, overlapping cues driven by a latent "atypia" score whose distributions
-# overlap between benign and malignant classes, so even a perfect model stays below 100%.
+
+# ----------------------------------------------------------------------------- released layouts
+
+def files_fingerprint(paths, parts):
+    """sha256 of the sorted (last `parts` path components, size) list: cheap; blind to rewrites."""
+    listing = sorted(f"{os.path.join(*p.split(os.sep)[-parts:])}\t{os.path.getsize(p)}\n"
+                     for p in paths)
+    return hashlib.sha256("".join(listing).encode()).hexdigest()
+
+
+def lc25000_samples(task, root, folders):
+    """[(image path, label)], label = the folder's position in `folders` (explicit, never sort
+    order). LC25000 is found from its top folder or the task's subfolder; image folders at root."""
+    bases = [os.path.join(root, LC25000_SUBFOLDER[task])] if task in LC25000_SUBFOLDER else []
+    for base in bases + [root]:
+        if not all(os.path.isdir(os.path.join(base, name)) for name in folders):
+            continue
+        samples = []
+        empty = []
+        for label, name in enumerate(folders):
+            files = sorted(os.listdir(os.path.join(base, name)))
+            images = [file for file in files if file.lower().endswith(IMAGE_EXTENSIONS)]
+            samples += [(os.path.join(base, name, file), label) for file in images]
+            if not images:
+                empty.append(name)
+        if empty:
+            raise UsageError(f"{task}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                             f"in {', '.join(empty)}.")
+        return samples
+    layout = f"{{{','.join(folders)}}}/*.jpeg"
+    if bases:
+        layout = (f"lung_colon_image_set/{LC25000_SUBFOLDER[task]}/{layout} "
+                  "(the top folder or its subfolder)")
+    raise UsageError(f"{task}={root}: expected the layout {layout}.")
+
+
+class ImageListDataset(Dataset):
+    """(image, label) pairs; with transform=None the images stay PIL images, as in torchvision."""
+
+    def __init__(self, samples, transform=None):
+        self.samples = samples
+        self.transform = transform
+        self.labels = torch.tensor([label for _, label in samples])
+        self.fingerprint = files_fingerprint([p for p, _ in samples], parts=2)  # class folder/file
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        image = data.load_rgb(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+class PcamDataset(Dataset):
+    """PatchCamelyon's HDF5 files, read a patch at a time: its 32,768 test patches are 906 MB."""
+
+    def __init__(self, root, split, transform=None):
+        prefix = os.path.join(root, f"camelyonpatch_level_2_split_{split}")
+        self.x_path = f"{prefix}_x.h5"
+        y_path = f"{prefix}_y.h5"
+        try:  # only the labels are read now, one byte per patch
+            with h5py.File(y_path, "r") as y_file, h5py.File(self.x_path, "r") as x_file:
+                self.labels = torch.from_numpy(y_file["y"][:].reshape(-1).astype(np.int64))
+                assert x_file["x"].shape[0] == len(self.labels), "as many patches as labels"
+        except (OSError, KeyError, AssertionError) as e:
+            missing = isinstance(e, FileNotFoundError)
+            reason = "a file is missing" if missing else f"{type(e).__name__}: {e}"
+            raise UsageError(f"pcam={root}: cannot read the {split} split ({reason}); expected "
+                             "PatchCamelyon's camelyonpatch_level_2_split_{train,valid,test}_"
+                             "{x,y}.h5 files (gunzipped).")
+        self.transform = transform
+        self.file = None
+        self.file_pid = None
+        self.fingerprint = files_fingerprint([self.x_path, y_path], parts=1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self.file_pid != os.getpid():  # once per process: h5py handles do not survive fork
+            self.file = h5py.File(self.x_path, "r")
+            self.file_pid = os.getpid()
+        image = Image.fromarray(self.file["x"][i])                         # (96, 96, 3) uint8
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def load_dataset(task, root, folders, split="test", transform=None):
+    """One task's images in its released layout; an image folder's from `folders`."""
+    if task == "pcam":
+        return PcamDataset(root, split, transform)
+    return ImageListDataset(lc25000_samples(task, root, folders), transform)
+
+
+# ----------------------------------------------------------------------------- the demo's tiles
+# Synthetic H&E-like tiles: stain concentrations (hematoxylin for nuclei, eosin for cytoplasm and
+# stroma) turned into colour by Beer-Lambert's law, as real stains absorb. The classes differ by
+# cues driven by a latent "atypia" score whose distributions overlap between benign and malignant,
+# so even a perfect model stays below 100%. A tile's pattern paints its spaces into `eosin` and
+# returns its nuclei as (centres, base radius) groups for _paint_nuclei. Every helper draws from
+# the tile's `rng` in a fixed order: adding, dropping or reordering a draw makes another dataset.
 
 DEMO_CLASSES = {  # class: phrases for its captions; the first is the evaluation's class name
     "colon_aca": [
-        "colon adenocarcinoma",
-        "adenocarcinoma of the colon",
-        "malignant colonic glands",
-        "invasive colonic adenocarcinoma with crowded irregular glands",
+        "colon adenocarcinoma", "adenocarcinoma of the colon",
+        "malignant colonic glands", "invasive colonic adenocarcinoma with crowded irregular glands",
     ],
     "colon_n": [
-        "benign colonic tissue",
-        "normal colonic mucosa",
-        "benign colon with regular crypts",
-        "unremarkable colonic mucosa",
+        "benign colonic tissue", "normal colonic mucosa",
+        "benign colon with regular crypts", "unremarkable colonic mucosa",
     ],
     "lung_aca": [
-        "lung adenocarcinoma",
-        "adenocarcinoma of the lung",
-        "malignant glandular lung tumor",
-        "pulmonary adenocarcinoma with acinar glands",
+        "lung adenocarcinoma", "adenocarcinoma of the lung",
+        "malignant glandular lung tumor", "pulmonary adenocarcinoma with acinar glands",
     ],
     "lung_n": [
-        "benign lung",
-        "normal lung parenchyma",
-        "benign lung with thin alveolar septa",
-        "unremarkable alveolar lung tissue",
+        "benign lung", "normal lung parenchyma",
+        "benign lung with thin alveolar septa", "unremarkable alveolar lung tissue",
     ],
     "lung_scc": [
-        "lung squamous cell carcinoma",
-        "squamous cell carcinoma of the lung",
+        "lung squamous cell carcinoma", "squamous cell carcinoma of the lung",
         "keratinizing squamous carcinoma of the lung",
         "pulmonary squamous cell carcinoma with keratin",
     ],
     "node_n": [
-        "lymph node",
-        "benign lymph node",
-        "reactive lymph node with small lymphocytes",
-        "lymph node negative for tumor",
+        "lymph node", "benign lymph node",
+        "reactive lymph node with small lymphocytes", "lymph node negative for tumor",
     ],
     "node_met": [
-        "lymph node containing metastatic tumor tissue",
-        "metastatic carcinoma in a lymph node",
-        "lymph node with metastatic tumor deposits",
-        "nodal metastasis of carcinoma",
+        "lymph node containing metastatic tumor tissue", "metastatic carcinoma in a lymph node",
+        "lymph node with metastatic tumor deposits", "nodal metastasis of carcinoma",
     ],
 }
-CAPTION_TEMPLATES = [
-    "{}",
-    "{}.",
-    "H&E section of {}.",
-    "{}, 20x.",
-    "histology of {}",
-    "microscopy: {}.",
-    "high power view of {}",
-    "a case of {}.",
-    "this tile shows {}.",
-    "{} (hematoxylin and eosin).",
-]
+CAPTION_TEMPLATES = ["{}", "{}.", "H&E section of {}.", "{}, 20x.", "histology of {}",
+                     "microscopy: {}.", "high power view of {}", "a case of {}.",
+                     "this tile shows {}.", "{} (hematoxylin and eosin)."]
 MALIGNANT = {"colon_aca", "lung_aca", "lung_scc", "node_met"}
 TILE = 96  # pixels, as PatchCamelyon's patches
 
-# Every helper below draws from the tile's `rng` in a fixed order: the demo's bytes, and so every
-# number measured on it, depend on that order. A change that adds, drops or reorders a draw makes
-# a different dataset.
-
-
-# ----------------------------------------------------------------------------- shapes
 
 def _ellipses(rng, yx, radius, elongation, strength):
-    """Sum of soft-edged ellipses at centres `yx` (N, 2): a (TILE, TILE) concentration map.
-
-    Each ellipse is evaluated only in a window around its centre, and the windows are summed with
-    bincount, so a tile's hundreds of nuclei cost about a millisecond."""
+    """Soft-edged ellipses at `yx` (N, 2) summed into a (TILE, TILE) map by windows and bincount."""
     half = int(np.ceil(2 * (radius * elongation).max()))
     offsets = np.arange(-half, half + 1)
     ys = np.floor(yx[:, 0, None, None]).astype(int) + offsets[None, :, None]  # (N, W, 1)
@@ -128,38 +201,22 @@ def _holes(rng, eosin, centres, radii):
     eosin *= np.exp(-_ellipses(rng, centres, radii, elongation, strength))
 
 
-# ----------------------------------------------------------------------------- tissue patterns
-# Each pattern paints its spaces and cytoplasm into `eosin` and returns its nuclei as a list of
-# (centres, base radius) groups; _paint_nuclei turns those into hematoxylin.
-
 def _pattern(rng, label):
-    """The tissue architecture of a tile: glands, sheet, alveoli or lymph node.
-
-    Lung tumours mix patterns, as real ones do: a solid area in an adenocarcinoma, a gland-like
-    nest in a squamous carcinoma. Then only keratin and cytoplasm tell them apart."""
+    """Glands, sheet, alveoli or lymph node. Lung tumours mix patterns, as real ones do."""
     # Both draws are made for every tile, whatever its class, as the demo was first generated.
     adenocarcinoma_has_glands = rng.random() < 0.85
     squamous_is_a_sheet = rng.random() < 0.85
-    organ = label.split("_")[0]
-    if organ == "colon":
-        return "glands"
-    if organ == "node":
-        return "node"
-    if label == "lung_n":
-        return "alveoli"
     if label == "lung_aca":
         return "glands" if adenocarcinoma_has_glands else "sheet"
-    return "sheet" if squamous_is_a_sheet else "glands"
+    if label == "lung_scc":
+        return "sheet" if squamous_is_a_sheet else "glands"
+    return {"colon": "glands", "lung": "alveoli", "node": "node"}[label.split("_")[0]]
 
 
 def _glands(rng, eosin, organ, zoom, atypia):
-    """Glands: a lumen ringed by epithelial nuclei. Benign: one regular ring. Atypia: crowded,
-    jittered, stratified (two rings), with extra lumens; colon's goblet cells fade away."""
+    """Lumens ringed by epithelial nuclei; atypia crowds, jitters and doubles the rings."""
     nuclei = []
-    if organ == "colon":
-        glands = rng.integers(2, 5)
-    else:
-        glands = rng.integers(1, 3)
+    glands = rng.integers(2, 5) if organ == "colon" else rng.integers(1, 3)
     for _ in range(glands):
         centre = rng.uniform(15, 81, 2)
         radius = zoom * rng.uniform(10, 15)
@@ -179,8 +236,7 @@ def _glands(rng, eosin, organ, zoom, atypia):
 
 
 def _sheet(rng, eosin, label, zoom, atypia):
-    """A solid sheet of cells on a jittered grid, denser with atypia. Squamous cells have pink
-    cytoplasm and make keratin pearls."""
+    """Cells on a jittered grid, denser with atypia; squamous: pink cytoplasm, keratin pearls."""
     step = zoom * (10 - 2 * atypia)
     axis = np.arange(step / 2, TILE, step)
     yx = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
@@ -196,24 +252,15 @@ def _sheet(rng, eosin, label, zoom, atypia):
     return nuclei
 
 
-def _alveoli(rng, atypia):
-    """Thin alveolar septa holding sparse small nuclei (the air spaces are cleared beforehand)."""
-    count = int(20 + 30 * atypia)
-    return [(rng.uniform(0, TILE, (count, 2)), 1.9)]
-
-
 def _lymph_node(rng, zoom, atypia):
     """A carpet of small dark lymphocytes; a metastasis adds a cluster of large pale cells."""
-    lymphocytes = rng.uniform(0, TILE, (int(zoom * 150), 2))
-    nuclei = [(lymphocytes, 1.8)]
+    nuclei = [(rng.uniform(0, TILE, (int(zoom * 150), 2)), 1.8)]  # lymphocytes
     large = int(30 * atypia ** 2)
     if large:
         centre = rng.uniform(25, 71, 2)
         nuclei.append((centre + rng.normal(0, 12 * zoom, (large, 2)), 3.4))
     return nuclei
 
-
-# ----------------------------------------------------------------------------- nuclei and stain
 
 def _paint_nuclei(rng, nuclei, zoom, atypia):
     """The hematoxylin map (TILE, TILE) of all nuclei groups."""
@@ -231,8 +278,8 @@ def _paint_nuclei(rng, nuclei, zoom, atypia):
 
 
 def _stain(rng, hema, eosin):
-    """Stain concentrations -> RGB uint8 by Beer-Lambert: optical density = concentration x stain
-    vector, summed over the stains. Stain colours vary from slide to slide."""
+    """Concentrations -> RGB uint8 by Beer-Lambert: optical density = sum of concentration x stain
+    vector. Stain colours vary from slide to slide."""
     h_vector = np.array([0.65, 0.70, 0.29]) * rng.uniform(0.85, 1.15, 3)
     e_vector = np.array([0.07, 0.99, 0.11]) * rng.uniform(0.85, 1.15, 3)
     density = hema[..., None] * h_vector + eosin[..., None] * e_vector  # (TILE, TILE, 3)
@@ -260,8 +307,8 @@ def render_tile(rng, label):
         nuclei = _glands(rng, eosin, organ, zoom, atypia)
     elif pattern == "sheet":
         nuclei = _sheet(rng, eosin, label, zoom, atypia)
-    elif pattern == "alveoli":
-        nuclei = _alveoli(rng, atypia)
+    elif pattern == "alveoli":  # thin septa between the air spaces, holding sparse small nuclei
+        nuclei = [(rng.uniform(0, TILE, (int(20 + 30 * atypia), 2)), 1.9)]
     else:
         nuclei = _lymph_node(rng, zoom, atypia)
     stromal = rng.uniform(0, TILE, (int(12 + 8 * atypia), 2))  # scattered in every tissue
@@ -271,11 +318,10 @@ def render_tile(rng, label):
     return np.rot90(image, rng.integers(4)).copy()
 
 
-# ----------------------------------------------------------------------------- the dataset on disk
+# ----------------------------------------------------------------------------- the demo on disk
 
 def _tile_rng(seed, split, label, i):
-    """Tile i of `label` in `split` (0 train, 1 LC25000, 2-3 PatchCamelyon) has a stream of its own,
-    so any tile can be regenerated alone."""
+    """Tile i of `label` in `split` (0 train, 1 LC25000, 2-3 PCam): a stream of its own."""
     return np.random.default_rng([seed, split, list(DEMO_CLASSES).index(label), i])
 
 
@@ -310,9 +356,7 @@ def _write_lc25000(root, per_class, seed):
 
 
 def _write_pcam(root, per_class, seed):
-    """Held-out lymph node tiles in PatchCamelyon's layout: HDF5 files of x (N, 96, 96, 3) and
-    y (N, 1, 1, 1), alternating benign and metastatic, the train split twice the test split."""
-    import h5py
+    """Held-out lymph node tiles as PatchCamelyon's HDF5 x (N, 96, 96, 3), y (N, 1, 1, 1)."""
     os.makedirs(os.path.join(root, "pcam"))
     for split_id, split, count in ((2, "train", 2 * per_class), (3, "test", per_class)):
         labels = [("node_n", "node_met")[i % 2] for i in range(2 * count)]
@@ -325,33 +369,31 @@ def _write_pcam(root, per_class, seed):
                 f.create_dataset(part, data=array)
 
 
-def _write_demo(root, per_class_train, per_class_eval, seed):
-    """The whole demo dataset into `root`: the training CSV and two held-out benchmarks."""
-    _write_train_split(root, per_class_train, seed)
-    _write_lc25000(root, per_class_eval, seed)
-    _write_pcam(root, per_class_eval, seed)
-
-
 def ensure_demo_data(root=DEMO_DIR, per_class_train=400, per_class_eval=100, seed=0):
-    """Generate the demo dataset once; same bytes every time. Returns the path of its train.csv.
-
-    Written into a temporary folder and renamed into place, so a crash leaves no half dataset and
-    concurrent callers (e.g. tests) never read one. Under torchrun rank 0 calls this first while
-    the others wait."""
+    """The demo's train.csv, written once (same bytes every time) into a temporary folder renamed
+    into place: nobody ever reads half a dataset. Under torchrun rank 0 calls it first."""
     csv_path = os.path.join(root, "train.csv")
     if not os.path.exists(csv_path):
         tmp = f"{root}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.time()
-        _write_demo(tmp, per_class_train, per_class_eval, seed)
+        _write_train_split(tmp, per_class_train, seed)  # and two held-out benchmarks:
+        _write_lc25000(tmp, per_class_eval, seed)
+        _write_pcam(tmp, per_class_eval, seed)
         os.makedirs(os.path.dirname(root), exist_ok=True)
         try:
             os.rename(tmp, root)
         except OSError:  # somebody else finished first: theirs has the same bytes
             shutil.rmtree(tmp, ignore_errors=True)
-        seconds = time.time() - started
-        print(f"demo dataset written to {root} in {seconds:.1f}s", file=sys.stderr)
+        print(f"demo dataset written to {root} in {time.time() - started:.1f}s", file=sys.stderr)
     return csv_path
+
+
+def demo_datasets():
+    """{task: folder} of the demo's held-out sets, written on first use."""
+    root = os.path.dirname(ensure_demo_data())
+    lc25000 = os.path.join(root, "lung_colon_image_set")
+    return {"pcam": os.path.join(root, "pcam"), **dict.fromkeys(LC25000_SUBFOLDER, lc25000)}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluate CLIP checkpoints on PatchCamelyon, LC25000-Lung and LC25000-Colon, zero-shot and by
-linear probe, and summarise a multi-seed study as mean ± std over seeds for every training
-configuration. It trains nothing. Datasets are read from local disk in their released layouts, never
-downloaded; with no --dataset the demo's held-out sets are used, so everything runs offline.
+linear probe; summarise a multi-seed study as mean ± std over seeds per training configuration,
+and say which differences between configurations one setting apart exceed the seeds' noise. It
+trains nothing; images are read from disk (demo_data.py), the demo's held-out sets by default.
 
     python evaluate.py --checkpoint runs/RUN/checkpoints/latest.pt
     python evaluate.py --checkpoint CKPT --dataset lc25000_colon=/data/lung_colon_image_set \
@@ -15,16 +15,17 @@ is chosen on PCam's valid split, or on a seeded, stratified slice of the trainin
 """
 import argparse
 import hashlib
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
@@ -43,131 +44,26 @@ TASKS = {
 }
 TEMPLATES = ["a histopathology slide showing {}.", "histopathology image of {}.",
              "pathology tissue showing {}.", "presence of {} tissue on image."]
-LC25000_SUBFOLDER = {"lc25000_lung": "lung_image_sets", "lc25000_colon": "colon_image_sets"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 TEST_FRACTION = 0.5    # of each class, where no test split is official (LC25000, image folders)
 VALID_FRACTION = 0.2   # of each class of the training part, where no valid split is official
 WEIGHT_DECAYS = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]  # the probe's L2 strengths, strongest first
+LC25000_NOTE = ("LC25000 is 1,250 originals augmented to 25,000: a random split puts augmented "
+                "siblings of test images into the probe's training set, so the probe's score is "
+                "optimistic")
 METRICS = ["accuracy", "balanced_accuracy", "weighted_f1"]
 METHODS = {"zero_shot": "zero-shot", "linear_probe": "linear probe"}
-HEADLINE = "balanced_accuracy"  # what "most reproducible" and the figure are judged on
+HEADLINE = "balanced_accuracy"  # what "most reproducible", comparisons and the figure judge
 # Flags that do not make another configuration: the seed, the run's own paths, and bookkeeping
-# that cannot change a result (workers: RULE 2). Any other difference, a flag's value or a library
-# version, makes another row.
+# that cannot change a result (workers: RULE 2).
 NOT_CONFIGURATION = {"seed", "output_dir", "resume", "workers", "log_every", "save_every"}
+CONFIDENCE = 0.95  # of the interval around a difference between two configurations
+ALPHA = 0.05       # the two-sided test behind "seeds needed", and its power
+POWER = 0.8
+MAX_SEEDS = 1000   # "seeds needed" beyond this: the difference is too small for a study to resolve
 
 
-
-
-# ----------------------------------------------------------------------------- datasets
-
-def files_fingerprint(paths, parts):
-    """sha256 of the sorted (last `parts` path components, size) list: cheap; blind to rewrites."""
-    listing = sorted(f"{os.path.join(*p.split(os.sep)[-parts:])}\t{os.path.getsize(p)}\n"
-                     for p in paths)
-    return hashlib.sha256("".join(listing).encode()).hexdigest()
-
-
-def lc25000_samples(task, root, folders=None):
-    """[(image path, label)], label = the folder's position in `folders` (explicit, never sort
-    order). LC25000 is found from its top folder or the task's subfolder; an image folder
-    (--classnames) at root."""
-    if task not in LC25000_SUBFOLDER and folders is None:
-        raise UsageError(f"--dataset {task}={root}: unknown task; choose from {', '.join(TASKS)}, "
-                         "or map an image folder's subfolders to class names with "
-                         f"--classnames {task}=FILE.json.")
-    folders = folders or TASKS[task]
-    bases = [os.path.join(root, LC25000_SUBFOLDER[task])] if task in LC25000_SUBFOLDER else []
-    for base in bases + [root]:
-        if not all(os.path.isdir(os.path.join(base, name)) for name in folders):
-            continue
-        samples = []
-        empty = []
-        for label, name in enumerate(folders):
-            files = sorted(os.listdir(os.path.join(base, name)))
-            images = [file for file in files if file.lower().endswith(IMAGE_EXTENSIONS)]
-            samples += [(os.path.join(base, name, file), label) for file in images]
-            if not images:
-                empty.append(name)
-        if empty:
-            raise UsageError(f"{task}={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
-                             f"in {', '.join(empty)}.")
-        return samples
-    layout = f"{{{','.join(folders)}}}/*.jpeg"
-    if bases:
-        raise UsageError(f"{task}={root}: expected the layout lung_colon_image_set/"
-                         f"{LC25000_SUBFOLDER[task]}/{layout} (the top folder or its subfolder).")
-    raise UsageError(f"{task}={root}: expected the layout {layout}.")
-
-
-class ImageListDataset(Dataset):
-    """(image, label) pairs; with transform=None the images stay PIL images, as in torchvision."""
-
-    def __init__(self, samples, transform=None):
-        self.samples = samples
-        self.transform = transform
-        self.labels = torch.tensor([label for _, label in samples])
-        paths = [path for path, _ in samples]
-        self.fingerprint = files_fingerprint(paths, parts=2)  # class folder/file
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        image = data.load_rgb(path)
-        return (self.transform(image) if self.transform else image), label
-
-
-class PcamDataset(Dataset):
-    """PatchCamelyon's HDF5 files, read a patch at a time: the test split alone is 32,768 patches
-    of 96 x 96 x 3, too many to hold in memory on a small machine."""
-
-    def __init__(self, root, split, transform=None):
-        prefix = os.path.join(root, f"camelyonpatch_level_2_split_{split}")
-        self.x_path = f"{prefix}_x.h5"
-        y_path = f"{prefix}_y.h5"
-        try:  # only the labels are read now, one byte per patch
-            with h5py.File(y_path, "r") as y_file, h5py.File(self.x_path, "r") as x_file:
-                self.labels = torch.from_numpy(y_file["y"][:].reshape(-1).astype(np.int64))
-                assert x_file["x"].shape[0] == len(self.labels), "as many patches as labels"
-        except (OSError, KeyError, AssertionError) as e:
-            missing = isinstance(e, FileNotFoundError)
-            reason = "a file is missing" if missing else f"{type(e).__name__}: {e}"
-            raise UsageError(f"pcam={root}: cannot read the {split} split ({reason}); "
-                             "expected PatchCamelyon's "
-                             "camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 files "
-                             "(gunzipped).")
-        self.transform = transform
-        self.file = None
-        self.file_pid = None
-        self.fingerprint = files_fingerprint([self.x_path, y_path], parts=1)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        if self.file_pid != os.getpid():  # once per process: h5py handles do not survive fork
-            self.file = h5py.File(self.x_path, "r")
-            self.file_pid = os.getpid()
-        image = Image.fromarray(self.file["x"][i])                         # (96, 96, 3) uint8
-        return (self.transform(image) if self.transform else image), int(self.labels[i])
-
-
-def load_dataset(task, root, folders=None, split="test", transform=None):
-    """One task's images in its released layout; an image folder's from `folders`."""
-    if task == "pcam":
-        return PcamDataset(root, split, transform)
-    return ImageListDataset(lc25000_samples(task, root, folders), transform)
-
-
-def demo_datasets():
-    """{task: folder} of the demo's held-out sets, written on first use."""
-    root = os.path.dirname(demo_data.ensure_demo_data())
-    lc25000 = os.path.join(root, "lung_colon_image_set")
-    return {"pcam": os.path.join(root, "pcam"), **dict.fromkeys(LC25000_SUBFOLDER, lc25000)}
-
+# ----------------------------------------------------------------------------- splits and features
 
 def stratified_split(labels, fraction, seed):
     """(kept, held-out) sorted indices: round(fraction x class size) of every class held out."""
@@ -184,37 +80,37 @@ def benchmark_splits(task, root, folders, split="test", seed=0, transform=None):
     """{"train", "valid", "test": (dataset, indices)}, and a record of how they were made. A
     validation set carved from the training part is left out of "train"; record["refit"] says so."""
     if task == "pcam":
-        test = PcamDataset(root, split, transform)
-        train = PcamDataset(root, "train", transform)
+        test = demo_data.PcamDataset(root, split, transform)
+        train = demo_data.PcamDataset(root, "train", transform)
         test_indices = torch.arange(len(test))
         train_indices = torch.arange(len(train))
         record = {"test": f"official {split} split", "train": "official train split"}
-        valid_labels = os.path.join(root, "camelyonpatch_level_2_split_valid_y.h5")
-        has_valid = split != "valid" and os.path.isfile(valid_labels)
     else:
-        test = train = load_dataset(task, root, folders, transform=transform)
+        test = train = demo_data.load_dataset(task, root, folders, transform=transform)
         train_indices, test_indices = stratified_split(test.labels, TEST_FRACTION, seed)
         record = {"test": f"seeded stratified {TEST_FRACTION:.0%} of each class",
                   "train": "the rest"}
-        has_valid = False
-    if has_valid:
-        valid = PcamDataset(root, "valid", transform)
+    valid_labels = os.path.join(root, "camelyonpatch_level_2_split_valid_y.h5")
+    if task == "pcam" and split != "valid" and os.path.isfile(valid_labels):
+        valid = demo_data.PcamDataset(root, "valid", transform)
         valid_indices = torch.arange(len(valid))
-        record["valid"] = "official valid split"
-        record["refit"] = False
+        record.update(valid="official valid split", refit=False)
     else:  # RULE 1: seeded everywhere, the evaluation's splits too
         kept, held = stratified_split(train.labels[train_indices], VALID_FRACTION, seed)
         valid = train
         valid_indices = train_indices[held]
         train_indices = train_indices[kept]
-        record["valid"] = f"seeded stratified {VALID_FRACTION:.0%} of each class of train"
-        record["refit"] = True
+        record.update(valid=f"seeded stratified {VALID_FRACTION:.0%} of each class of train",
+                      refit=True)
     parts = {"train": (train, train_indices), "valid": (valid, valid_indices),
              "test": (test, test_indices)}
     record["seed"] = seed
     record["per_class"] = {name: torch.bincount(ds.labels[idx], minlength=len(folders)).tolist()
                            for name, (ds, idx) in parts.items()}
+    if task in demo_data.LC25000_SUBFOLDER:
+        record["note"] = LC25000_NOTE
     return parts, record
+
 
 
 @torch.no_grad()
@@ -300,7 +196,7 @@ def demo_zero_shot(model, tokenizer, device):
     """Zero-shot accuracy on the demo's test images, printed and returned."""
     results = {}
     transform = data.eval_transform(model.config.image_size)
-    for task, root in demo_datasets().items():
+    for task, root in demo_data.demo_datasets().items():
         parts, _ = benchmark_splits(task, root, TASKS[task], transform=transform)
         test, indices = parts["test"]  # encode the test images only
         features, labels = encode_images(model, Subset(test, indices.tolist()), device, workers=0)
@@ -407,25 +303,40 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     return result
 
 
+
+
 # ----------------------------------------------------------------------------- the multi-seed study
 
 def group_runs(runs):
-    """[(label, [run, ...])]; a label names what tells configurations apart ("rrc_scale=0.6")."""
+    """[{label, runs, configuration, hardware}]: the runs pooled over seeds. A label names what
+    tells the configurations apart ("rrc_scale=0.6")."""
     groups = {}
     for run in runs:
         where = f"--runs {run} (expected a run folder of train.py)"
         manifest = read_json(os.path.join(run, "manifest.json"), where)
-        # RULE 12: one configuration = the same flags (but NOT_CONFIGURATION), data, libraries.
+        # RULE 12: one configuration = the same flags (but NOT_CONFIGURATION), global batch (the
+        # world size is no flag, yet it sets the batch), data, code and libraries.
         key = {k: v for k, v in manifest["args"].items() if k not in NOT_CONFIGURATION}
-        key["train_data_sha256"] = manifest.get("train_data", {}).get("sha256")
+        key["global_batch_size"] = manifest.get("global_batch_size")
+        train_data = manifest.get("train_data", {})
+        key["train_data_sha256"] = train_data.get("sha256")
+        key["train_data_split_filter"] = train_data.get("split_filter")
+        key["git_commit"] = manifest.get("git", {}).get("commit")
         for library, version in manifest.get("versions", {}).items():
             key[f"{library}_version"] = version
-        groups.setdefault(json.dumps(key, sort_keys=True), []).append(run)
-    configurations = [json.loads(key) for key in groups]
+        group = groups.setdefault(json.dumps(key, sort_keys=True), {"configuration": key})
+        # The machine is no setting, but it can change bits: shown where it differs in a group.
+        device = manifest.get("device") or {}
+        machine = ", ".join(f"{k}={device[k]}" for k in sorted(device)) or "not recorded"
+        group.setdefault("hardware", {})[run] = machine
+    configurations = [group["configuration"] for group in groups.values()]
     differing = sorted(k for k in set().union(*configurations)
                        if len({json.dumps(c.get(k)) for c in configurations}) > 1)
-    labels = [", ".join(f"{k}={c.get(k)}" for k in differing) or "all runs" for c in configurations]
-    return list(zip(labels, groups.values()))
+    for group in groups.values():
+        labels = [f"{k}={group['configuration'].get(k)}" for k in differing]
+        group["label"] = ", ".join(labels) or "all runs"
+        group["runs"] = list(group["hardware"])
+    return list(groups.values())
 
 
 def summarise(values):
@@ -440,7 +351,8 @@ def summarise(values):
 def study(groups, results):
     """Per configuration: its runs, and the summary over seeds of each dataset, method, metric."""
     configurations = []
-    for label, members in groups:
+    for group in groups:
+        members = group["runs"]
         summary = {}
         for task in results[members[0]]["datasets"]:
             summary[task] = {}
@@ -454,9 +366,78 @@ def study(groups, results):
             stds = {task: s["zero_shot"][HEADLINE]["std"] for task, s in summary.items()}
             most = min(stds, key=stds.get)
             most_reproducible = {"dataset": most, "std": stds[most]}
-        configurations.append({"label": label, "runs": members, "summary": summary,
+        configurations.append({**group, "summary": summary,
                                "most_reproducible": most_reproducible})
     return configurations
+
+
+def seeds_needed(difference, std, alpha=ALPHA, power=POWER):
+    """Seeds per configuration for a two-sided two-sample t-test at `alpha` to detect
+    `difference` with probability `power` when runs scatter with standard deviation `std`; None
+    past MAX_SEEDS."""
+    if std == 0:  # no noise at all: two seeds a side show any difference
+        return 2 if difference else None
+    effect = abs(difference) / std  # Cohen's d
+    # Start from the normal approximation n = 2 (z_{1-alpha/2} + z_power)^2 / d^2, a lower bound,
+    # and step up until the exact power of Student's t-test (noncentral t, 2n - 2 degrees of
+    # freedom) is reached: d = 0.5 needs 64 seeds, d = 0.8 needs 26, as in Cohen's tables.
+    z = scipy.stats.norm.ppf
+    normal = 2 * (z(1 - alpha / 2) + z(power)) ** 2
+    if normal > MAX_SEEDS * effect ** 2:
+        return None
+    n = max(2, math.ceil(normal / effect ** 2))
+    while True:
+        df = 2 * n - 2
+        critical = scipy.stats.t.ppf(1 - alpha / 2, df)
+        shift = effect * math.sqrt(n / 2)
+        beyond = scipy.stats.nct.sf(critical, df, shift) + scipy.stats.nct.cdf(-critical, df, shift)
+        if beyond >= power:
+            return n
+        n += 1
+
+
+def compare(a, b):
+    """b's mean minus a's, its CONFIDENCE interval over seeds by Welch's t, whether the interval
+    excludes 0 (the difference exceeds the seeds' noise), and the seeds that would resolve it."""
+    a = np.asarray(a["values"])
+    b = np.asarray(b["values"])
+    difference = float(b.mean() - a.mean())
+    result = {"seeds": [len(a), len(b)], "difference": difference, "interval": None,
+              "beyond_seed_noise": None, "pooled_std": None, "seeds_needed": None}
+    if min(len(a), len(b)) < 2:
+        return {**result, "note": "needs >= 2 seeds"}
+    var_a = a.var(ddof=1) / len(a)  # the squared standard errors of the two means
+    var_b = b.var(ddof=1) / len(b)
+    interval = [difference, difference]  # no spread at all: no noise to exceed
+    if var_a + var_b > 0:
+        # Welch's t: the two spreads may differ; Welch-Satterthwaite's degrees of freedom.
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+        half = scipy.stats.t.ppf((1 + CONFIDENCE) / 2, df) * math.sqrt(var_a + var_b)
+        interval = [difference - float(half), difference + float(half)]
+    squares = (len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)
+    pooled_std = math.sqrt(squares / (len(a) + len(b) - 2))
+    return {**result, "interval": interval, "beyond_seed_noise": interval[0] > 0 or interval[1] < 0,
+            "pooled_std": pooled_std, "seeds_needed": seeds_needed(difference, pooled_std)}
+
+
+def comparisons(configurations):
+    """The study's question: for every two configurations that differ in ONE setting, per dataset
+    and method, is the difference in the headline metric larger than the seeds' noise?"""
+    found = []
+    for a, b in itertools.combinations(configurations, 2):
+        keys = sorted(set(a["configuration"]) | set(b["configuration"]))
+        changed = [k for k in keys if a["configuration"].get(k) != b["configuration"].get(k)]
+        if len(changed) != 1:
+            continue
+        setting = changed[0]
+        for task in a["summary"]:
+            for method in METHODS:
+                found.append({"setting": setting, "from": a["configuration"].get(setting),
+                              "to": b["configuration"].get(setting), "a": a["label"],
+                              "b": b["label"], "dataset": task, "method": method,
+                              **compare(a["summary"][task][method][HEADLINE],
+                                        b["summary"][task][method][HEADLINE])})
+    return found
 
 
 def cell(s):
@@ -467,7 +448,7 @@ def cell(s):
 
 
 def print_table(configurations):
-    """Per dataset, a row per configuration and method; then each most reproducible benchmark."""
+    """Per dataset, a row per configuration and method; then what a reader must know besides."""
     tasks = list(configurations[0]["summary"])
     width = max(len(name) for name in [c["label"] for c in configurations] + tasks) + 2
     metrics = " ".join(f"{m:28s}" for m in METRICS)
@@ -479,32 +460,72 @@ def print_table(configurations):
                 scores = " ".join(f"{cell(c['summary'][task][method][m]):28s}" for m in METRICS)
                 print(f"{head}  {title:13s} {scores}")
                 head = " " * (width + 6)  # the label and the number of seeds once
+        if task in demo_data.LC25000_SUBFOLDER:
+            print(f"note on the linear probe: {LC25000_NOTE}.")
     for c in configurations:
         most = c["most_reproducible"]
         if most:
             print(f"{c['label']}: most reproducible benchmark {most['dataset']} "
                   f"(lowest std of zero-shot {HEADLINE}: {most['std']:.4f})")
+        machines = sorted(set(c["hardware"].values()))
+        if len(machines) > 1:
+            print(f"{c['label']}: its runs trained on different hardware: {' | '.join(machines)}")
 
 
-def draw_figure(configurations, path):
-    """A panel per method and dataset, a row per configuration: seeds as dots, mean ± std a bar."""
+def print_comparisons(found):
+    """A line per comparison: the difference, its interval and the verdict."""
+    if not found:
+        return
+    print(f"\nOne setting apart: difference of mean {HEADLINE} over seeds, "
+          f"{CONFIDENCE:.0%} Welch interval; seeds per configuration that would resolve it "
+          f"(alpha {ALPHA}, power {POWER})")
+    changes = [f"{c['setting']} {c['from']} -> {c['to']}" for c in found]
+    width = max(map(len, changes))
+    for c, change in zip(found, changes):
+        head = f"{change:{width}s}  {c['dataset']:14s} {METHODS[c['method']]:13s}"
+        if c["interval"] is None:
+            print(f"{head} {c['difference']:+.3f}  ({c['note']})")
+            continue
+        low, high = c["interval"]
+        verdict = "beyond seed noise" if c["beyond_seed_noise"] else "within seed noise"
+        needed = c["seeds_needed"] or f"> {MAX_SEEDS}"
+        print(f"{head} {c['difference']:+.3f} [{low:+.3f}, {high:+.3f}]  {verdict:17s}  "
+              f"{needed} seeds each to resolve")
+
+
+def draw_figure(configurations, found, path):
+    """Per method and dataset a panel, a row per configuration: seeds as dots, mean ± std a bar;
+    below, per dataset, each comparison's difference and interval (crossing 0: seed noise)."""
     from matplotlib.figure import Figure  # imported only when a figure is drawn; no display needed
     tasks = list(configurations[0]["summary"])
     labels = [c["label"] for c in configurations]
-    size = (3 * len(tasks) + 0.07 * max(map(len, labels)), 1 + 0.7 * len(labels))
+    pairs = [f"{c['setting']} {c['from']}→{c['to']}, {METHODS[c['method']]}"
+             for c in found if c["dataset"] == tasks[0]]
+    size = (3 * len(tasks) + 0.07 * max(map(len, labels + pairs)),
+            1 + 0.7 * len(labels) + 0.3 * len(pairs))
     figure = Figure(figsize=size, layout="constrained")
-    axes = figure.subplots(len(METHODS), len(tasks), sharey=True, squeeze=False)
+    axes = figure.subplots(len(METHODS) + bool(pairs), len(tasks), squeeze=False)
     for row, (method, title) in enumerate(METHODS.items()):
         for ax, task in zip(axes[row], tasks):
             for y, c in enumerate(configurations):
                 s = c["summary"][task][method][HEADLINE]
-                spread = s["std"] or 0  # None for one run: no bar
                 dots = np.full(s["n"], y - 0.15)
                 ax.scatter(s["values"], dots, s=14, color="tab:blue", alpha=0.7)
+                spread = s["std"] or 0  # None for one run: no bar
                 ax.errorbar(s["mean"], y + 0.15, xerr=spread, fmt="o", color="black", capsize=3)
             ax.set_title(f"{task}, {title}", fontsize=9)
-    axes[0][0].set_yticks(range(len(labels)), labels)
-    axes[0][0].invert_yaxis()  # the first configuration on top, as in the table
+    for ax, task in zip(axes[-1] if pairs else [], tasks):
+        for y, c in enumerate(c for c in found if c["dataset"] == task):
+            colour = "tab:red" if c["beyond_seed_noise"] else "grey"  # red: beyond seed noise
+            if c["interval"]:  # none with fewer than 2 seeds on a side: a dot alone
+                ax.plot(c["interval"], [y, y], color=colour)
+            ax.scatter([c["difference"]], [y], color=colour, s=14)
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.set_title(f"{task}: difference, {CONFIDENCE:.0%} interval", fontsize=9)
+    for row, names in enumerate([labels] * len(METHODS) + [pairs] * bool(pairs)):
+        for column, ax in enumerate(axes[row]):
+            ax.set_yticks(range(len(names)), names if column == 0 else [])
+            ax.set_ylim(len(names) - 0.5, -0.5)  # the first on top, as in the table
     figure.supxlabel(HEADLINE.replace("_", " "))
     figure.savefig(path, dpi=120)
 
@@ -558,7 +579,13 @@ def task_definitions(args):
     tasks = dict(TASKS)
     for task, path in args.classnames:
         tasks[task] = read_json(path, f"--classnames {task}")
-    return tasks, dict(args.dataset) or demo_datasets()
+    datasets = dict(args.dataset) or demo_data.demo_datasets()
+    for task, root in datasets.items():
+        if task not in tasks:
+            raise UsageError(f"--dataset {task}={root}: unknown task; choose from "
+                             f"{', '.join(TASKS)}, or map an image folder's subfolders to class "
+                             f"names with --classnames {task}=FILE.json.")
+    return tasks, datasets
 
 
 def dataset_fingerprints(datasets, tasks, args):
@@ -566,7 +593,7 @@ def dataset_fingerprints(datasets, tasks, args):
     is loaded, a wrong path fails in a second, not in an hour."""
     fingerprints = {}
     for task, root in datasets.items():
-        parts, _ = benchmark_splits(task, root, tasks.get(task), args.split, args.split_seed)
+        parts, _ = benchmark_splits(task, root, tasks[task], args.split, args.split_seed)
         fingerprints[task] = {name: dataset.fingerprint for name, (dataset, _) in parts.items()}
     return fingerprints
 
@@ -602,23 +629,28 @@ def main(argv=None):
         if not os.path.exists(checkpoint):
             hint = "; expected run folders of train.py." if args.runs else "."
             raise UsageError(f"{checkpoint}: not found{hint}")
-    groups = group_runs(args.runs) if args.runs else [(args.checkpoint, runs)]
+    groups = [{"label": args.checkpoint, "runs": runs, "configuration": {}, "hardware": {}}]
+    if args.runs:
+        groups = group_runs(args.runs)
     results = {}
     for run, checkpoint in zip(runs, checkpoints):
         request = {"checkpoint_sha256": checkpoint_sha256(checkpoint),
                    "fingerprints": fingerprints, "protocol": protocol}
         results[run] = evaluate_or_reuse(run, checkpoint, request, datasets, tasks, args)
     configurations = study(groups, results)
+    found = comparisons(configurations)
     print_table(configurations)
+    print_comparisons(found)
     if args.runs:
         record = {task: {"path": os.path.abspath(root), "fingerprints": fingerprints[task]}
                   for task, root in datasets.items()}
         write_json(args.output or "results.json", {
             "std": "sample standard deviation over seeds (ddof=1)", "headline_metric": HEADLINE,
             "not_configuration": sorted(NOT_CONFIGURATION), "protocol": protocol,
-            "datasets": record, "configurations": configurations, "runs": results})
+            "datasets": record, "configurations": configurations, "comparisons": found,
+            "runs": results})
     if args.figure:
-        draw_figure(configurations, args.figure)
+        draw_figure(configurations, found, args.figure)
     return results
 
 
