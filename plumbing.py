@@ -92,13 +92,33 @@ def atomic_write(path, write):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
+        flush_to_disk(tmp)
         os.replace(tmp, path)
+        fsync(os.path.dirname(os.path.abspath(path)))  # the rename itself
     except OSError as e:  # disk full, no permission: say so, and leave no partial file behind
         raise UsageError(f"cannot write {path}: {e.strerror or e}. Free some space or choose "
                          "another output folder; the files written before are intact.") from None
     finally:
         with contextlib.suppress(OSError):  # tidying up must not hide the error above
             remove(tmp)
+
+
+def flush_to_disk(path):
+    """fsync a new file, or a new folder's files and then the folder."""
+    # RULE 8: the bytes reach the disk before the rename makes them the checkpoint, so a power
+    # loss cannot leave an empty file under the name of the latest checkpoint.
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            fsync(os.path.join(path, name))
+    fsync(path)
+
+
+def fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def remove_leftovers(run_dir):

@@ -73,13 +73,16 @@ def all_gather(tensor):
     return gathered
 
 
-def gather_features(features, gather_with_grad):
+def gather_features(features, gather_with_grad, local_loss):
+    """Every rank's features, (N*B, D), with or without a gradient path, as OpenCLIP gathers."""
     if gather_with_grad:
         return GatherWithGrad.apply(features)
     gathered = all_gather(features)
-    # All-gather returns tensors without grad; put our own slice back so that its gradient flows
-    # (the other ranks' slices stay constants here: their gradients are computed on their ranks).
-    gathered[dist.get_rank()] = features
+    # All-gather returns tensors without grad; for the global loss, put our own slice back so that
+    # its gradient flows (the other ranks' slices stay constants: their ranks compute theirs).
+    # OpenCLIP does not do this for a local loss, whose rows are our own features already.
+    if not local_loss:
+        gathered[dist.get_rank()] = features
     return torch.cat(gathered)
 
 
@@ -114,8 +117,8 @@ def contrastive_loss(image_features, text_features, logit_scale, local_loss=Fals
     all_text = text_features
     offset = 0
     if world > 1:
-        all_image = gather_features(image_features, gather_with_grad)  # (N*B, D)
-        all_text = gather_features(text_features, gather_with_grad)
+        all_image = gather_features(image_features, gather_with_grad, local_loss)  # (N*B, D)
+        all_text = gather_features(text_features, gather_with_grad, local_loss)
         offset = dist.get_rank() * batch
     if local_loss:
         logits_per_image = logit_scale * image_features @ all_text.T   # (B, N*B)
@@ -141,6 +144,10 @@ def parse_args(argv=None):
     add("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
     add("--csv-caption-key", default="caption", help="caption column")
     add("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    add("--csv-split-key", default="split",
+        help="column naming each row's split (QUILT-1M's); without it, every row is used")
+    add("--train-split", default="train",
+        help="train only on rows whose --csv-split-key is this value; 'all': every row")
     add("--model", default="tiny",
         help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
     add("--tokenizer", help="local HF tokenizer folder (default: train a BPE on the captions)")
@@ -170,6 +177,9 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0)
     add("--rrc-scale", type=float, default=0.8,
         help="RandomResizedCrop lower scale; RULE 5: 0.7-0.8")
+    add("--rrc-ratio", type=float, nargs=2, default=list(data.RRC_RATIO), metavar=("LO", "HI"),
+        help="RandomResizedCrop's range of crop aspects (width/height); see the fallback share "
+             "printed at start: 16:9 frames need a wider range or a lower --rrc-scale")
     # RULE 4: the global loss with gradient through the gather by default: the exact gradient.
     add("--local-loss", action=argparse.BooleanOptionalAction, default=False)
     add("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True)
@@ -210,6 +220,7 @@ def check_flags(args):
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
         (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
+        (0 < args.rrc_ratio[0] <= args.rrc_ratio[1], "--rrc-ratio LO HI needs 0 < LO <= HI"),
         (args.lr > 0, "--lr must be positive"),
         (args.workers >= 0, "--workers cannot be negative"),
         (args.resume != "auto" or args.output_dir,
@@ -334,19 +345,41 @@ def image_root(args):
     return args.image_root or os.path.dirname(os.path.abspath(args.train_data))
 
 
+class TrainData(NamedTuple):
+    """The training rows of the CSV (its --train-split) and what is known of them before training."""
+    rows: list            # [(image path, caption)] of the rows the split keeps
+    samples: list         # indices into rows of those to train on: all, or all but the bad ones
+    split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
+    sha256: str           # of the CSV file: the data's fingerprint
+    crop_fallback: float  # the share of crops that are RandomResizedCrop's fixed centre crop
+
+
 def prepare_data(args, run_dir, proc):
-    """The CSV's rows and the indices of those to train on, decided before training and identical
-    on every rank. Without --train-data, rank 0 generates the demo dataset while the others wait."""
+    """The training rows, decided before training and identical on every rank. Without
+    --train-data, rank 0 generates the demo dataset while the others wait."""
     if args.train_data is None:
         if proc.is_main:
             demo_data.ensure_demo_data()
         plumbing.barrier()
         args.train_data = demo_data.ensure_demo_data()
-    rows = data.read_csv(args.train_data, args.csv_img_key, args.csv_caption_key,
-                         args.csv_separator)
+    rows, sizes, split_filter = data.read_csv_table(
+        args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
+        args.csv_split_key, args.train_split)
     data.check_paths(rows, image_root(args), args.train_data, args.allow_absolute_paths)
+    samples = usable_samples(args, rows, run_dir, proc)
+    crop_fallback = None
+    if proc.is_main:
+        report_split(args, split_filter)
+        crop_fallback = report_crop_fallback(args, rows, sizes)
+    sha256 = plumbing.file_sha256(args.train_data)
+    return TrainData(rows, samples, split_filter, sha256, crop_fallback)
+
+
+def usable_samples(args, rows, run_dir, proc):
+    """Indices of the rows to train on: all of them, or, with --bad-samples skip, all but those
+    whose image or caption cannot be used (each rank reads a share; --check-data only lists)."""
     if not (args.check_data or args.bad_samples == "skip"):
-        return rows, range(len(rows))
+        return range(len(rows))
     # Each rank reads its share of the images (with its workers); everybody gets the whole list.
     share = range(proc.rank, len(rows), proc.world)
     found = data.find_bad_samples(rows, share, image_root(args), args.workers,
@@ -362,7 +395,42 @@ def prepare_data(args, run_dir, proc):
         raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} "
                          f"({rows[first][0]}): {bad[first]}. All are in {run_dir}/"
                          "bad_samples.json: fix them or pass --bad-samples skip.")
-    return rows, [i for i in range(len(rows)) if i not in bad]
+    return [i for i in range(len(rows)) if i not in bad]
+
+
+def report_split(args, split_filter):
+    """Say which rows train: rows a dataset holds out are never trained on silently."""
+    kept = split_filter["rows_kept"]
+    total = split_filter["rows_in_csv"]
+    column = split_filter["column"]
+    if not split_filter["column_present"]:
+        print(f"train rows: all {total:,} ({args.train_data} has no column '{column}')")
+    elif split_filter["value"] == "all":
+        print(f"train rows: all {total:,}, every value of '{column}' (--train-split all)")
+    else:
+        print(f"train rows: {kept:,} of {total:,} ({column} == {split_filter['value']!r}); "
+              f"{total - kept:,} held out")
+
+
+def report_crop_fallback(args, rows, sizes):
+    """The share of crops that are RandomResizedCrop's fixed centre crop on these images, with
+    a warning above 25%; None when no image size could be read."""
+    # RULE 5: on 16:9 video frames a crop of >= 0.8 of the area never has an aspect <= 4/3, so
+    # every try fails and each epoch sees the same centre crop: say so before training.
+    measured = data.image_sizes(rows, image_root(args), sizes)
+    share = data.crop_fallback_share(measured, args.rrc_scale, args.rrc_ratio)
+    if share is None:
+        return None
+    low, high = args.rrc_ratio
+    print(f"RandomResizedCrop: scale ({args.rrc_scale}, 1), ratio ({low:.3g}, {high:.3g}): "
+          f"{share:.0%} of crops on these images fall back to a fixed centre crop")
+    if share > 0.25:
+        wide = data.crop_fallback_share(measured, args.rrc_scale, (9 / 16, 16 / 9))
+        lower = data.crop_fallback_share(measured, 0.6, args.rrc_ratio)
+        print(f"warning: {share:.0%} of training crops are the same centre crop in every epoch "
+              f"(wide frames, such as 16:9 video). --rrc-ratio 0.5625 1.778 gives {wide:.0%}, "
+              f"--rrc-scale 0.6 gives {lower:.0%} (see RULES.md, rule 5).")
+    return share
 
 
 def make_tokenizer(args, rows, vocab_size, run_dir, proc):
@@ -436,6 +504,30 @@ def make_schedule(args, usable, world):
     return Schedule(global_batch, steps_per_epoch, total_steps, warmup, save_every)
 
 
+def run_identity(args, schedule, train_data):
+    """What fixes the order of the samples and the learning-rate schedule. A resumed run must
+    match its checkpoint in all of it; only the split of the global batch into processes x
+    --batch-size x --accum-steps may change (RULE 3 keeps the batches the same)."""
+    return {"global batch": schedule.global_batch, "--seed": args.seed,
+            "--epochs": args.epochs, "--max-steps": args.max_steps,
+            "--warmup": schedule.warmup, "--lr": args.lr, "--model": args.model,
+            "--train-data sha256": train_data.sha256,
+            "--csv-split-key": args.csv_split_key, "--train-split": args.train_split,
+            "training rows": len(train_data.samples)}
+
+
+def check_same_run(checkpoint, identity, path):
+    """Refuse, in one line, to resume a checkpoint as if it were another run."""
+    # RULE 8: the step in a checkpoint means something only under the run that wrote it: another
+    # global batch, data or schedule would move the epochs, the order and the learning rate.
+    saved = checkpoint.get("run_identity", identity)  # checkpoints of older versions lack it
+    differences = [f"{key} {saved.get(key)!r} there, {value!r} here"
+                   for key, value in identity.items() if saved.get(key) != value]
+    if differences:
+        raise UsageError(f"--resume {path}: not the same run: {'; '.join(differences)}. Resume "
+                         "with the checkpoint's values, or start a new --output-dir.")
+
+
 def find_resume_checkpoint(run_dir):
     """The newest step checkpoint that loads, skipping any damaged one with a warning."""
     checkpoints = plumbing.step_checkpoints(os.path.join(run_dir, "checkpoints"))
@@ -447,15 +539,21 @@ def find_resume_checkpoint(run_dir):
     return None, None
 
 
-def resume_or_start(args, run_dir, model, optimizer, proc):
+def resume_or_start(args, run_dir, model, optimizer, identity, proc):
     """(first step, steps skipped so far, resumed?): from --resume's checkpoint, else from 0."""
+    path = args.resume
+    checkpoint = None
     if args.resume == "auto":
-        path, checkpoint = find_resume_checkpoint(run_dir)
-    else:
-        path = args.resume
-        checkpoint = args.resume and read_weights_file(args.resume)
+        if proc.is_main:
+            path, checkpoint = find_resume_checkpoint(run_dir)
+        # RULE 8: rank 0 chooses and every rank loads that one, so ranks with node-local disks or
+        # a stale network-filesystem cache never start from different checkpoints.
+        path = plumbing.gather_objects(path)[0]
+    if path and checkpoint is None:
+        checkpoint = read_weights_file(path)
     if not checkpoint:
         return 0, [], False
+    check_same_run(checkpoint, identity, path)
     start_step = checkpoint["step"]
     skipped = checkpoint["skipped_steps"]
     # RULE 8: resume restores everything that decides the future: weights, optimizer moments,
@@ -479,19 +577,19 @@ def distribute(model, args, world):
     return model
 
 
-def make_loader(args, rows, samples, tokenizer, cfg, schedule, start_step, proc):
+def make_loader(args, train_data, tokenizer, cfg, schedule, start_step, proc):
     """This rank's micro-batches of every step from `start_step` on."""
-    dataset = data.CsvDataset(rows, image_root(args), tokenizer, cfg.image_size,
+    dataset = data.CsvDataset(train_data.rows, image_root(args), tokenizer, cfg.image_size,
                               cfg.context_length, args.rrc_scale, args.seed,
-                              args.max_image_pixels, args.jpeg_draft)
-    sampler = data.GlobalBatchSampler(samples, args.batch_size, proc.world, proc.rank,
+                              args.max_image_pixels, args.jpeg_draft, args.rrc_ratio)
+    sampler = data.GlobalBatchSampler(train_data.samples, args.batch_size, proc.world, proc.rank,
                                       args.accum_steps, args.seed, schedule.total_steps,
                                       start_step)
     pin_memory = proc.device.type == "cuda"
     return data.make_train_loader(dataset, sampler, args.workers, args.seed, pin_memory)
 
 
-def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, rows, samples, resumed):
+def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, resumed):
     """manifest.json; returned, for `finish` to complete. A resumed run keeps its start time."""
     # RULE 9: the manifest records everything that could change a result: every resolved flag,
     # the data, the tokenizer, the determinism settings, the libraries and the machine.
@@ -505,9 +603,12 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, rows, samples,
         "seed": args.seed, "world_size": proc.world,
         "global_batch_size": schedule.global_batch, "steps_per_epoch": schedule.steps_per_epoch,
         "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup,
-        "train_data": {"path": os.path.abspath(args.train_data), "rows": len(rows),
-                       "bad_rows": len(rows) - len(samples),
-                       "sha256": plumbing.file_sha256(args.train_data)},
+        "train_data": {"path": os.path.abspath(args.train_data),
+                       "rows": len(train_data.rows),
+                       "bad_rows": len(train_data.rows) - len(train_data.samples),
+                       "split_filter": train_data.split_filter,
+                       "crop_fallback_share": train_data.crop_fallback,
+                       "sha256": train_data.sha256},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
         "determinism": {"deterministic": args.deterministic,
@@ -523,18 +624,18 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, rows, samples,
 
 # ----------------------------------------------------------------------------- the loop
 
-def save_step(args, run_dir, model, optimizer, done, epoch, skipped, is_main):
+def save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity, is_main):
     """Rank 0 saves the state after step `done`; the others wait for it."""
     if is_main:
         save_checkpoint(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
             "epoch": epoch, "config": vars(model.config), "args": vars(args),
-            "rng": plumbing.rng_states(), "skipped_steps": skipped})
+            "rng": plumbing.rng_states(), "skipped_steps": skipped, "run_identity": identity})
     plumbing.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
 
 
-def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, run_dir,
-          proc):
+def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
+          run_dir, proc):
     """An optimizer step per global batch; a log line every --log-every steps and a checkpoint
     every schedule.save_every, both at the last step too."""
     total = schedule.total_steps
@@ -566,7 +667,8 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
             log.write(record, args.log_every * schedule.global_batch)
         if save_now:
             epoch = done // schedule.steps_per_epoch
-            save_step(args, run_dir, model, optimizer, done, epoch, skipped, proc.is_main)
+            save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity,
+                      proc.is_main)
     log.progress.close()
 
 
@@ -594,22 +696,25 @@ def main(argv=None):
     run_dir = make_run_dir(args)
     if proc.is_main:
         plumbing.remove_leftovers(run_dir)  # of writes a killed run left midway
-    rows, samples = prepare_data(args, run_dir, proc)
-    tokenizer, model, optimizer = build_model(args, rows, run_dir, proc)
-    schedule = make_schedule(args, len(samples), proc.world)
-    start_step, skipped, resumed = resume_or_start(args, run_dir, model, optimizer, proc)
+    train_data = prepare_data(args, run_dir, proc)
+    tokenizer, model, optimizer = build_model(args, train_data.rows, run_dir, proc)
+    schedule = make_schedule(args, len(train_data.samples), proc.world)
+    identity = run_identity(args, schedule, train_data)
+    start_step, skipped, resumed = resume_or_start(args, run_dir, model, optimizer, identity,
+                                                   proc)
     ddp_model = distribute(model, args, proc.world)
-    loader = make_loader(args, rows, samples, tokenizer, model.config, schedule, start_step, proc)
+    loader = make_loader(args, train_data, tokenizer, model.config, schedule, start_step, proc)
     if proc.is_main:
-        manifest = write_manifest(args, run_dir, proc, schedule, model.config, tokenizer, rows,
-                                  samples, resumed)
+        manifest = write_manifest(args, run_dir, proc, schedule, model.config, tokenizer,
+                                  train_data, resumed)
         # Lines a killed run wrote after its last checkpoint are redone.
         plumbing.keep_log_until(os.path.join(run_dir, "log.jsonl"), start_step)
-        print(f"run folder {run_dir}: {len(samples)} pairs, {proc.world} process(es) x "
+        print(f"run folder {run_dir}: {len(train_data.samples)} pairs, {proc.world} process(es) x "
               f"{args.batch_size} x {args.accum_steps} = global batch {schedule.global_batch}, "
               f"{schedule.total_steps} steps")
 
-    train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, run_dir, proc)
+    train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
+          run_dir, proc)
     if proc.is_main:
         finish(args, model, tokenizer, manifest, skipped, started, run_dir, proc.device)
     if dist.is_initialized():

@@ -1,5 +1,7 @@
-"""The distributed contrastive loss against the single-process loss on the concatenated batch, and
-train_step's accumulation with DDP under bf16 autocast against one step on the whole batch.
+"""The distributed contrastive loss against the symmetric InfoNCE of one process on the
+concatenated batch (written out in test_references.py, independent of train.py), against
+OpenCLIP's ClipLoss semantics in all four flag combinations, and train_step's accumulation with DDP
+under bf16 autocast against one step on the whole batch.
 
 Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gradient averaging.
 This is the gradient table in train.contrastive_loss's docstring, proved.
@@ -11,9 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import train
 from conftest import relative_difference
+from test_references import symmetric_info_nce
 
 BATCH, IN_DIM, EMBED = 4, 6, 5
 
@@ -28,13 +32,49 @@ def make_problem(world):
     return encoder, inputs
 
 
-def loss_and_grads(encoder, images, texts, **flags):
+def loss_and_grads(encoder, images, texts, loss_function=train.contrastive_loss, **flags):
     params = {k: v.clone().requires_grad_() for k, v in encoder.items()}
     image_features = torch.nn.functional.normalize(images @ params["image"], dim=-1)
     text_features = torch.nn.functional.normalize(texts @ params["text"], dim=-1)
-    loss = train.contrastive_loss(image_features, text_features, params["log_scale"].exp(), **flags)
+    loss = loss_function(image_features, text_features, params["log_scale"].exp(), **flags)
     loss.backward()
     return loss.detach(), {k: p.grad for k, p in params.items()}
+
+
+def openclip_clip_loss(image_features, text_features, scale, local_loss, gather_with_grad):
+    """OpenCLIP 3.3's gather_features + ClipLoss, restated from its source: the gathered copies
+    carry no gradient unless gathered with grad, and the rank's own features are put back into
+    them only for the global loss."""
+    rank = dist.get_rank()
+    if gather_with_grad:
+        all_image = torch.cat(torch.distributed.nn.all_gather(image_features))
+        all_text = torch.cat(torch.distributed.nn.all_gather(text_features))
+    else:
+        images = [torch.zeros_like(image_features) for _ in range(dist.get_world_size())]
+        texts = [torch.zeros_like(text_features) for _ in range(dist.get_world_size())]
+        dist.all_gather(images, image_features)
+        dist.all_gather(texts, text_features)
+        if not local_loss:
+            images[rank] = image_features
+            texts[rank] = text_features
+        all_image = torch.cat(images)
+        all_text = torch.cat(texts)
+    if local_loss:
+        per_image = scale * image_features @ all_text.T
+        per_text = scale * text_features @ all_image.T
+        labels = torch.arange(len(image_features)) + rank * len(image_features)
+    else:
+        per_image = scale * all_image @ all_text.T
+        per_text = per_image.T
+        labels = torch.arange(len(all_image))
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+def ddp_average(loss, grads, world):
+    for tensor in [loss, *grads.values()]:  # what DDP does: average over ranks
+        dist.all_reduce(tensor)
+        tensor /= world
+    return loss, grads
 
 
 def worker(rank, world, rendezvous, results):
@@ -43,12 +83,11 @@ def worker(rank, world, rendezvous, results):
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     out = {}
     for local_loss, gather_with_grad in itertools.product([False, True], repeat=2):
-        loss, grads = loss_and_grads(encoder, images[mine], texts[mine],
-                                     local_loss=local_loss, gather_with_grad=gather_with_grad)
-        for tensor in [loss, *grads.values()]:  # what DDP does: average over ranks
-            dist.all_reduce(tensor)
-            tensor /= world
-        out[(local_loss, gather_with_grad)] = (loss, grads)
+        flags = {"local_loss": local_loss, "gather_with_grad": gather_with_grad}
+        ours = loss_and_grads(encoder, images[mine], texts[mine], **flags)
+        out[(local_loss, gather_with_grad)] = ddp_average(*ours, world)
+        theirs = loss_and_grads(encoder, images[mine], texts[mine], openclip_clip_loss, **flags)
+        out[("openclip", local_loss, gather_with_grad)] = ddp_average(*theirs, world)
     if rank == 0:
         torch.save(out, results)
     dist.destroy_process_group()
@@ -59,7 +98,8 @@ def distributed(request, tmp_path_factory):
     world, folder = request.param, tmp_path_factory.mktemp(f"world{request.param}")
     mp.spawn(worker, args=(world, str(folder / "rendezvous"), str(folder / "results.pt")), nprocs=world)
     encoder, (images, texts) = make_problem(world)
-    reference = loss_and_grads(encoder, images, texts)  # one process, the whole batch
+    # One process, the whole batch, the loss as defined (not train.py's single-process branch).
+    reference = loss_and_grads(encoder, images, texts, symmetric_info_nce)
     return world, reference, torch.load(folder / "results.pt", weights_only=True)
 
 
@@ -93,6 +133,18 @@ def test_local_loss_without_gather_with_grad_is_biased(distributed):
         g, ref = grads[name].flatten(), ref_grads[name].flatten()
         best_scale = (g @ ref) / (ref @ ref)
         assert (g - best_scale * ref).norm() > 1e-3 * g.norm(), f"{name} gradient is proportional to the truth"
+
+
+@pytest.mark.parametrize("local_loss, gather_with_grad",
+                         list(itertools.product([False, True], repeat=2)))
+def test_each_flag_combination_means_what_openclip_means(distributed, local_loss,
+                                                         gather_with_grad):
+    world, _, results = distributed
+    loss, grads = results[(local_loss, gather_with_grad)]
+    openclip_loss, openclip_grads = results[("openclip", local_loss, gather_with_grad)]
+    assert_close(loss, openclip_loss)
+    for name in openclip_grads:
+        assert_close(grads[name], openclip_grads[name])
 
 
 def test_gather_with_grad_accepts_non_contiguous_gradients(tmp_path):
