@@ -277,7 +277,7 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     device = torch.device(args.device)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
     cache_dir = args.cache_dir or os.path.join(run_dir, "eval_cache")
-    model = CLIP.from_pretrained(checkpoint).to(device)
+    model = CLIP.from_pretrained(checkpoint, args.activation).to(device)
     tokenizer_dir = args.tokenizer or run_tokenizer_folder(checkpoint)
     if not tokenizer_dir:
         raise UsageError(f"{checkpoint} is not in one of our run folders: pass --tokenizer DIR.")
@@ -557,6 +557,8 @@ def parse_args(argv=None):
            'e.g. {"tum": "tumor", "norm": "normal tissue"}')
     a("--tokenizer", default=None,
       help="tokenizer folder (default: RUN/tokenizer next to the checkpoints)")
+    a("--activation", choices=["quick_gelu", "gelu"], default=None,
+      help="the checkpoint's activation (default: its config's; none there: QuickGELU, noted)")
     a("--split", choices=["test", "valid"], default="test",
       help="the PatchCamelyon split to score (default: test)")
     a("--split-seed", type=int, default=0,

@@ -88,6 +88,29 @@ OPEN_CLIP_DEFAULTS = {
 POOL_TYPES = {"": (), "vision_cfg": ("tok", "avg"), "text_cfg": ("argmax", "first", "last")}
 
 
+def open_clip_fields(cfg, source):
+    """An OpenCLIP model config (the dict) -> the CLIPConfig fields it sets, built as OpenCLIP
+    builds them, or refused naming the key that is not built. `source` names it in errors."""
+    fields = {}
+    for section, built in OPEN_CLIP_KEYS.items():
+        defaults = OPEN_CLIP_DEFAULTS[section]
+        values = cfg.get(section, {}) if section else cfg
+        for key, value in values.items():
+            name = f"{section}.{key}".lstrip(".")
+            if key == "pool_type" and value not in POOL_TYPES[section]:
+                raise UsageError(f"{source}: {name} {value!r} is not built here; "
+                                 f"use one of {', '.join(POOL_TYPES[section])}.")
+            if key in built:
+                fields[built[key]] = value
+            elif key not in OPEN_CLIP_KEYS and (key not in defaults or defaults[key] != value):
+                raise UsageError(f"{source}: {name} = {json.dumps(value)} is not "
+                                 "built here; remove it, or train this model with OpenCLIP.")
+    if not isinstance(fields.get("vision_layers", 12), int):
+        raise UsageError(f"{source}: vision_cfg.layers is a list, a ResNet tower; "
+                         "only ViTs are built here.")
+    return fields
+
+
 def model_config(name_or_path):
     """A preset name, or a JSON file in OpenCLIP's model-config layout, built as OpenCLIP builds
     it (its defaults where the file is silent), or refused naming the key that is not built."""
@@ -103,22 +126,7 @@ def model_config(name_or_path):
         raise UsageError(f"--model {name_or_path}: no {', '.join(missing)}; not an OpenCLIP "
                          "model config (embed_dim, vision_cfg{...}, text_cfg{...}).")
     fields = {"patch_size": 16}  # OpenCLIP's default; CLIPConfig's is ViT-B-32's
-    for section, built in OPEN_CLIP_KEYS.items():
-        defaults = OPEN_CLIP_DEFAULTS[section]
-        values = cfg[section] if section else cfg
-        for key, value in values.items():
-            name = f"{section}.{key}".lstrip(".")
-            if key == "pool_type" and value not in POOL_TYPES[section]:
-                raise UsageError(f"--model {name_or_path}: {name} {value!r} is not built here; "
-                                 f"use one of {', '.join(POOL_TYPES[section])}.")
-            if key in built:
-                fields[built[key]] = value
-            elif key not in OPEN_CLIP_KEYS and (key not in defaults or defaults[key] != value):
-                raise UsageError(f"--model {name_or_path}: {name} = {json.dumps(value)} is not "
-                                 "built here; remove it, or train this model with OpenCLIP.")
-    if not isinstance(fields.get("vision_layers", 12), int):
-        raise UsageError(f"--model {name_or_path}: vision_cfg.layers is a list, a ResNet tower; "
-                         "only ViTs are built here.")
+    fields.update(open_clip_fields(cfg, f"--model {name_or_path}"))
     return CLIPConfig(**fields)
 
 
@@ -308,34 +316,51 @@ def hf_to_openai(hf, source):
 
 
 def infer_config(state_dict, folder, hf_names):
-    """Sizes from the weights' shapes, as OpenAI's build_model does. Heads and activation, which
-    shapes cannot tell, from a config beside the weights, else OpenAI's (so QuiltNet's)."""
+    """Sizes from the weights' shapes, as OpenAI's build_model does. Heads, activation and
+    OpenCLIP's options, which shapes cannot tell, from a config beside the weights, else OpenAI's
+    64-wide heads and no activation (None: choose_activation decides)."""
     vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape  # (width, 3, p, p)
     positions = state_dict["visual.positional_embedding"].shape[0]            # 1 + grid*grid
     context_length, text_width = state_dict["positional_embedding"].shape
-    hints = dict(quick_gelu=True, vision_head_width=64, text_heads=text_width // 64)
+    fields = dict(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_size=round((positions - 1) ** 0.5) * patch_size,
+        patch_size=patch_size, vision_width=vision_width, context_length=context_length,
+        vision_layers=count_layers(state_dict, "visual.transformer.resblocks."),
+        text_width=text_width, vocab_size=state_dict["token_embedding.weight"].shape[0],
+        text_layers=count_layers(state_dict, "transformer.resblocks."),
+        quick_gelu=None, vision_head_width=64, text_heads=text_width // 64)
     open_clip_json = os.path.join(folder, "open_clip_config.json")
     if hf_names and os.path.isfile(os.path.join(folder, "config.json")):
         import transformers  # it knows the defaults that its config.json leaves out
         config = transformers.CLIPConfig.from_pretrained(folder, local_files_only=True)
         vision = config.vision_config
         text = config.text_config
-        hints = dict(quick_gelu=text.hidden_act == "quick_gelu",
-                     text_heads=text.num_attention_heads,
-                     vision_head_width=vision.hidden_size // vision.num_attention_heads)
+        fields.update(quick_gelu=text.hidden_act == "quick_gelu",
+                      text_heads=text.num_attention_heads,
+                      vision_head_width=vision.hidden_size // vision.num_attention_heads)
     elif os.path.isfile(open_clip_json):  # OpenCLIP's, next to its Hub weights
         with open(open_clip_json) as f:
-            cfg = json.load(f).get("model_cfg", {})
-        hints = dict(quick_gelu=cfg.get("quick_gelu", False),
-                     text_heads=cfg.get("text_cfg", {}).get("heads", text_width // 64),
-                     vision_head_width=cfg.get("vision_cfg", {}).get("head_width", 64))
-    return CLIPConfig(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_size=round((positions - 1) ** 0.5) * patch_size,
-        patch_size=patch_size, vision_width=vision_width, context_length=context_length,
-        vision_layers=count_layers(state_dict, "visual.transformer.resblocks."),
-        text_width=text_width, vocab_size=state_dict["token_embedding.weight"].shape[0],
-        text_layers=count_layers(state_dict, "transformer.resblocks."), **hints)
+            model_cfg = json.load(f).get("model_cfg", {})
+        # Built as OpenCLIP builds it: where the config is silent, its defaults (GELU, 8 heads).
+        fields.update(quick_gelu=False, text_heads=8)
+        fields.update(open_clip_fields(model_cfg, open_clip_json))
+    return CLIPConfig(**fields)
+
+
+def choose_activation(path, stated, activation):
+    """QuickGELU (True) or GELU: --activation if given, else what the weights' config states,
+    else OpenAI's QuickGELU, said aloud: the shapes of the weights cannot tell them apart."""
+    if activation is None and stated is None:
+        print(f"note: {path} gives no activation; assuming QuickGELU (OpenAI's). "
+              "Pass --activation gelu if these weights were trained with GELU.")
+        return True
+    if activation is None:
+        return stated
+    wanted = {"quick_gelu": True, "gelu": False}[activation]
+    if stated not in (None, wanted):
+        print(f"note: {path} states quick_gelu={stated}; --activation {activation} overrides it.")
+    return wanted
 
 
 # OpenAI's ViT CLIPs as published (TorchScript), by the sha256 in their URLs (clip/clip.py).
@@ -369,13 +394,15 @@ def read_weights_file(path):
 
 
 def read_pretrained(path):
-    """Ours (RUN/checkpoints/*.pt), OpenAI's (TorchScript or state dict), OpenCLIP's (weights or
-    a training checkpoint) or a HF CLIPModel folder -> (state dict, CLIPConfig)."""
-    if os.path.isdir(path):  # a Hugging Face CLIPModel folder
-        folder = path
-        path = os.path.join(folder, "model.safetensors")  # named in the error if neither is there
-        if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-            path = os.path.join(folder, "pytorch_model.bin")
+    """Ours (RUN/checkpoints/*.pt), OpenAI's (TorchScript or state dict), OpenCLIP's (weights, a
+    training checkpoint or a Hub folder) or a HF CLIPModel folder -> (state dict, CLIPConfig)."""
+    if os.path.isdir(path):  # a HF CLIPModel's, else OpenCLIP's files as on the Hub
+        names = ("model.safetensors", "pytorch_model.bin",
+                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        found = [name for name in names if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise UsageError(f"{path}: a folder without weights; looked for {', '.join(names)}.")
+        path = os.path.join(path, found[0])
     checkpoint = read_weights_file(path)
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict.")
@@ -486,9 +513,11 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Any weights read_pretrained reads -> CLIP in eval mode, on the CPU, in float32."""
+    def from_pretrained(cls, path, activation=None):
+        """Any weights read_pretrained reads -> CLIP in eval mode, on the CPU, in float32.
+        activation: "quick_gelu" or "gelu" overrides what the weights state or imply."""
         state_dict, cfg = read_pretrained(path)
+        cfg.quick_gelu = choose_activation(path, cfg.quick_gelu, activation)
         model = cls(cfg)
         expected = model.state_dict()
         # Every parameter once, in the shape the sizes imply: never a silent, half-random load.

@@ -153,6 +153,8 @@ def parse_args(argv=None):
     add("--tokenizer", help="local HF tokenizer folder (default: train a BPE on the captions)")
     add("--pretrained",
         help="start from these weights: ours, OpenAI, OpenCLIP or a HF CLIPModel folder")
+    add("--activation", choices=["quick_gelu", "gelu"],
+        help="--pretrained's activation (default: its config's; none there: QuickGELU, noted)")
     add("--batch-size", type=int, default=64,
         help="per process; global batch = this x world size x accum-steps")
     add("--accum-steps", type=int, default=1,
@@ -458,10 +460,14 @@ def build_model(args, rows, run_dir, proc):
         if not args.tokenizer:
             raise UsageError(f"--pretrained {args.pretrained} is not one of our run checkpoints: "
                              "pass --tokenizer DIR, the tokenizer folder published with these "
-                             "weights (vocab.json + merges.txt).")
+                             "weights (vocab.json + merges.txt, or tokenizer.json; "
+                             "a Hub folder may hold it beside them).")
+    if args.activation and not args.pretrained:
+        raise UsageError("--activation applies to --pretrained weights; for --model, set "
+                         "quick_gelu in an OpenCLIP model-config JSON.")
     model = None
     if args.pretrained:
-        model = CLIP.from_pretrained(args.pretrained).train()
+        model = CLIP.from_pretrained(args.pretrained, args.activation).train()
         cfg = model.config
     else:
         cfg = model_config(args.model)
