@@ -285,13 +285,17 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     result = {"checkpoint": os.path.abspath(checkpoint), **request,
               "tokenizer_sha256": data.tokenizer_fingerprint(tokenizer), "datasets": {}}
     transform = data.eval_transform(model.config.image_size)
+    # The features depend on the activation too, which --activation may override.
+    features_key = request["checkpoint_sha256"]
+    if args.activation:
+        features_key = hashlib.sha256(f"{features_key}/{args.activation}".encode()).hexdigest()
     for task, root in datasets.items():
         parts, record = benchmark_splits(task, root, tasks[task], args.split, args.split_seed,
                                          transform)
         xy = {}
         for name, (dataset, indices) in parts.items():  # a dataset in several parts: encoded once
-            features, labels = cached_features(model, dataset, device, request["checkpoint_sha256"],
-                                               cache_dir, args.batch_size, args.workers)
+            features, labels = cached_features(model, dataset, device, features_key, cache_dir,
+                                               args.batch_size, args.workers)
             xy[name] = features[indices], labels[indices]
         classnames = list(tasks[task].values())
         probe = linear_probe(xy["train"], xy["valid"], xy["test"], len(classnames),
@@ -622,7 +626,7 @@ def main(argv=None):
     protocol = {"split": args.split, "split_seed": args.split_seed, "test_fraction": TEST_FRACTION,
                 "valid_fraction": VALID_FRACTION, "weight_decays": WEIGHT_DECAYS,
                 "templates": TEMPLATES, "classnames": {task: tasks[task] for task in datasets},
-                "tokenizer": args.tokenizer}
+                "tokenizer": args.tokenizer, "activation": args.activation}
     runs = args.runs or [args.checkpoint]
     checkpoints = runs
     if args.runs:

@@ -227,6 +227,8 @@ def check_flags(args):
         (args.workers >= 0, "--workers cannot be negative"),
         (args.resume != "auto" or args.output_dir,
          "--resume auto needs the --output-dir of the run"),
+        (args.pretrained or not args.activation, "--activation applies to --pretrained weights; "
+         "for --model, set quick_gelu in an OpenCLIP model-config JSON"),
     ]
     for ok, message in checks:
         if not ok:
@@ -348,7 +350,8 @@ def image_root(args):
 
 
 class TrainData(NamedTuple):
-    """The training rows of the CSV (its --train-split) and what is known of them before training."""
+    """The training rows of the CSV (its --train-split), and what is known of them before
+    training."""
     rows: list            # [(image path, caption)] of the rows the split keeps
     samples: list         # indices into rows of those to train on: all, or all but the bad ones
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
@@ -462,9 +465,6 @@ def build_model(args, rows, run_dir, proc):
                              "pass --tokenizer DIR, the tokenizer folder published with these "
                              "weights (vocab.json + merges.txt, or tokenizer.json; "
                              "a Hub folder may hold it beside them).")
-    if args.activation and not args.pretrained:
-        raise UsageError("--activation applies to --pretrained weights; for --model, set "
-                         "quick_gelu in an OpenCLIP model-config JSON.")
     model = None
     if args.pretrained:
         model = CLIP.from_pretrained(args.pretrained, args.activation).train()
@@ -517,6 +517,7 @@ def run_identity(args, schedule, train_data):
     return {"global batch": schedule.global_batch, "--seed": args.seed,
             "--epochs": args.epochs, "--max-steps": args.max_steps,
             "--warmup": schedule.warmup, "--lr": args.lr, "--model": args.model,
+            "--activation": args.activation,
             "--train-data sha256": train_data.sha256,
             "--csv-split-key": args.csv_split_key, "--train-split": args.train_split,
             "training rows": len(train_data.samples)}
