@@ -1,16 +1,14 @@
 """Data for CLIP training: an image-caption CSV -> batches of (image, tokens), reproducibly.
 
-What lives here: reading the CSV (QUILT-1M's layout by default), the train and eval transforms, the
-tokenizer, the sampler that fixes every global batch from (seed, epoch), and the DataLoader. Not
-here: the model, the loss or the training loop (train.py), and the synthetic demo dataset, which
-demo_data.py paints and writes (`python demo_data.py`; this file has no command of its own).
+What lives here: the train and eval transforms, the tokenizer, the sampler that fixes every global
+batch from (seed, epoch), and the DataLoader. Not here: reading the CSV into rows that forked
+workers share (table.py), the model, the loss or the training loop (train.py), and the synthetic
+demo dataset, which demo_data.py paints and writes (`python demo_data.py`; this file has no
+command of its own).
 
     python -m pytest -q tests/test_robustness.py tests/test_quilt_data.py -k "csv or path or image"
 """
-import array
-import collections
 import contextlib
-import csv
 import hashlib
 import math
 import os
@@ -224,88 +222,6 @@ def tokenize(tokenizer, texts, context_length):
 
 # ----------------------------------------------------------------------------- the CSV dataset
 
-def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
-    """Every row of the CSV as (image path, caption). The separator follows the extension (.tsv
-    tab, else comma)."""
-    rows, _, _ = read_csv_table(path, img_key, caption_key, separator, split_value="all")
-    return rows
-
-
-def pixel_count(text):
-    """A width or height from the CSV ('1280' or '1280.0'); 0 when blank or not a number."""
-    try:
-        return max(0, min(int(float(text)), 2**31 - 1))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def read_csv_table(path, img_key="image_path", caption_key="caption", separator=None,
-                   split_key="split", split_value="train", size_keys=("width", "height")):
-    """(rows, sizes, split_filter): the rows to train on as (image path, caption); their (width,
-    height) as an int32 array (0 where blank; None when the CSV lacks `size_keys`); and a dict
-    of the filter: column, value, whether the column exists, rows in the CSV, rows kept.
-
-    QUILT-1M's CSV holds train and val rows side by side, told apart by its `split` column. With
-    that column, only rows whose value is `split_value` are kept ('all' keeps every row), so the
-    held-out rows are never trained on silently; without it, every row is kept."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--train-data {path}: no such file.")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"--train-data {path}: the file is empty.")
-    if not separator:
-        separator = "\t" if path.endswith(".tsv") else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
-        reader = csv.DictReader(f, delimiter=separator)
-        columns = reader.fieldnames or []
-        for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-            if key not in columns:
-                if len(columns) == 1:
-                    fix = f"{flag} or --csv-separator (only one column was found)."
-                else:
-                    fix = f"{flag}."
-                raise UsageError(f"{path}: no column '{key}'; columns are {columns}. Pass {fix}")
-        has_split = split_key in columns
-        has_sizes = all(key in columns for key in size_keys)
-        rows = []
-        sizes = array.array("i")  # width, height, width, ...: 8 bytes a row, not ~70 as ints
-        values_seen = collections.Counter()
-        for row in reader:
-            value = row.get(split_key) or ""  # "" without the column, or in a short row
-            values_seen[value] += 1
-            if value == split_value or split_value == "all" or not has_split:
-                rows.append((row[img_key], row[caption_key]))
-                if has_sizes:
-                    sizes.extend(pixel_count(row[key]) for key in size_keys)
-    rows_in_csv = sum(values_seen.values())
-    if not rows_in_csv:
-        raise UsageError(f"{path}: the CSV has a header but no rows.")
-    if not rows:
-        held = ", ".join(repr(value) for value in sorted(values_seen)[:10])
-        raise UsageError(f"{path}: no row has {split_key} == {split_value!r}; the column holds "
-                         f"{held}. Pass --train-split VALUE or --train-split all.")
-    duplicates = len(rows) - len(set(rows))
-    if duplicates:
-        print(f"warning: {path}: {duplicates} duplicate rows (same image and caption); kept.")
-    split_filter = {"column": split_key, "value": split_value, "column_present": has_split,
-                    "rows_in_csv": rows_in_csv, "rows_kept": len(rows)}
-    size_array = np.array(sizes, dtype=np.int32).reshape(-1, 2) if has_sizes else None
-    return rows, size_array, split_filter
-
-
-def check_paths(rows, image_root, csv_path, allow_absolute):
-    """Refuse rows whose image path may leave --image-root (absolute, or any '..'): a CSV is
-    data, not a key. The check reads the path's text, not the file system, so a dataset folder
-    symlinked to another disk works; '..' is refused anywhere, because 'slides/../x' leaves the
-    root when slides is such a symlink."""
-    if allow_absolute:
-        return
-    for number, (path, _) in enumerate(rows, start=1):
-        if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
-            raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point "
-                             f"outside --image-root {image_root}. Fix the row, or pass "
-                             "--allow-absolute-paths if you trust the CSV.")
-
-
 class BadSampleError(Exception):
     """An image or caption that cannot be used."""
 
@@ -333,22 +249,31 @@ def load_sample(path, caption, max_pixels, draft_size=None):
         raise BadSampleError(f"unreadable image: {e}") from None
 
 
-def sample_problem(item):
-    """What is wrong with one (path, caption, max_pixels) item, or None."""
-    try:
-        load_sample(*item)
-    except BadSampleError as e:
-        return str(e)
+class SampleCheck(Dataset):
+    """What is wrong with row i (its image or caption), or None: --check-data's item, read in
+    the loader's worker processes straight from the shared rows."""
+
+    def __init__(self, rows, image_root, max_pixels):
+        self.rows = rows
+        self.image_root = image_root
+        self.max_pixels = max_pixels
+
+    def __getitem__(self, index):
+        path, caption = self.rows[index]
+        try:
+            load_sample(os.path.join(self.image_root, path), caption, self.max_pixels)
+        except BadSampleError as e:
+            return str(e)
 
 
 def find_bad_samples(rows, indices, image_root, workers, max_pixels):
     """The --check-data pass over rows[indices]: read each image once, in parallel.
     Returns {row index: reason}."""
-    items = [(os.path.join(image_root, rows[i][0]), rows[i][1], max_pixels) for i in indices]
+    checks = SampleCheck(rows, image_root, max_pixels)
     # Its own generator, not the global one: that one seeds the model.
-    checks = DataLoader(items, batch_size=None, num_workers=workers, collate_fn=sample_problem,
-                        generator=torch.Generator())
-    return {index: reason for index, reason in zip(indices, checks) if reason}
+    problems = DataLoader(checks, batch_size=None, sampler=indices, num_workers=workers,
+                          generator=torch.Generator())
+    return {index: reason for index, reason in zip(indices, problems) if reason}
 
 
 class CsvDataset(Dataset):
@@ -403,7 +328,7 @@ class GlobalBatchSampler:
 
     def __init__(self, samples, batch_size, world_size, rank, accum_steps, seed, total_steps,
                  start_step=0):
-        self.samples = list(samples)
+        self.samples = np.asarray(samples, dtype=np.int64)  # not a million Python ints
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
@@ -416,11 +341,11 @@ class GlobalBatchSampler:
         self.steps_per_epoch = len(self.samples) // self.global_batch
 
     def epoch_order(self, epoch):
-        """The samples in the order of `epoch`: a function of (seed, epoch) alone."""
+        """The samples in the order of `epoch` (an array): a function of (seed, epoch) alone."""
         # RULE 3: the same permutation on every rank and any world size — see RULES.md.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.samples), generator=generator).tolist()
-        return [self.samples[i] for i in order]
+        order = torch.randperm(len(self.samples), generator=generator).numpy()
+        return self.samples[order]
 
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):
@@ -430,7 +355,7 @@ class GlobalBatchSampler:
             # RULE 3: step s takes the s-th global batch of the permutation; each rank and each
             # accumulation step takes its slice of it, so no hardware changes the global batch.
             first = step_in_epoch * self.global_batch
-            batch = permutation[first:first + self.global_batch]
+            batch = permutation[first:first + self.global_batch].tolist()
             for micro in range(self.accum_steps):
                 start = (micro * self.world_size + self.rank) * self.batch_size
                 yield [(epoch, index) for index in batch[start:start + self.batch_size]]

@@ -39,6 +39,7 @@ import data
 import demo_data
 import evaluate
 import plumbing
+import table
 from model import CLIP, model_config, read_weights_file, run_tokenizer_folder
 from plumbing import UsageError, default_precision, make_run_dir, save_checkpoint
 
@@ -352,8 +353,8 @@ def image_root(args):
 class TrainData(NamedTuple):
     """The training rows of the CSV (its --train-split), and what is known of them before
     training."""
-    rows: list            # [(image path, caption)] of the rows the split keeps
-    samples: list         # indices into rows of those to train on: all, or all but the bad ones
+    rows: table.Rows      # (image path, caption) of the rows the split keeps, shared by workers
+    samples: np.ndarray   # indices into rows of those to train on: all, or all but the bad ones
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
     crop_fallback: float  # the share of crops that are RandomResizedCrop's fixed centre crop
@@ -367,10 +368,10 @@ def prepare_data(args, run_dir, proc):
             demo_data.ensure_demo_data()
         plumbing.barrier()
         args.train_data = demo_data.ensure_demo_data()
-    rows, sizes, split_filter = data.read_csv_table(
+    rows, sizes, split_filter = table.read_csv_table(
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
-    data.check_paths(rows, image_root(args), args.train_data, args.allow_absolute_paths)
+    table.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:
@@ -384,7 +385,7 @@ def usable_samples(args, rows, run_dir, proc):
     """Indices of the rows to train on: all of them, or, with --bad-samples skip, all but those
     whose image or caption cannot be used (each rank reads a share; --check-data only lists)."""
     if not (args.check_data or args.bad_samples == "skip"):
-        return range(len(rows))
+        return np.arange(len(rows))
     # Each rank reads its share of the images (with its workers); everybody gets the whole list.
     share = range(proc.rank, len(rows), proc.world)
     found = data.find_bad_samples(rows, share, image_root(args), args.workers,
@@ -400,7 +401,7 @@ def usable_samples(args, rows, run_dir, proc):
         raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} "
                          f"({rows[first][0]}): {bad[first]}. All are in {run_dir}/"
                          "bad_samples.json: fix them or pass --bad-samples skip.")
-    return [i for i in range(len(rows)) if i not in bad]
+    return np.delete(np.arange(len(rows)), sorted(bad))
 
 
 def report_split(args, split_filter):
@@ -447,8 +448,7 @@ def make_tokenizer(args, rows, vocab_size, run_dir, proc):
             save = data.load_tokenizer(args.tokenizer).save_pretrained
             plumbing.atomic_write(tokenizer_dir, save)
         else:
-            captions = [caption for _, caption in rows]
-            data.train_tokenizer(captions, tokenizer_dir, vocab_size)
+            data.train_tokenizer(rows.captions, tokenizer_dir, vocab_size)
     plumbing.barrier()
     return data.load_tokenizer(tokenizer_dir)
 
