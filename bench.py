@@ -38,7 +38,6 @@ from plumbing import UsageError
 from model import CLIP, model_config
 
 
-
 # ----------------------------------------------------------------------------- model FLOPs
 
 def model_flops(cfg, batch_size):

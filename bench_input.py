@@ -18,7 +18,10 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
+import bench
+import data
 import plumbing
 import table
 from plumbing import UsageError
@@ -108,12 +111,47 @@ def epoch_in_workers(rows, workers):
     return measured
 
 
+class RowLengths(torch.utils.data.Dataset):
+    """A dataset that reads the rows and no image: (epoch, index) -> the row's two lengths."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, key):
+        path, caption = self.rows[key[1]]
+        return torch.tensor([len(path), len(caption)])
+
+
+def node_pss(pid):
+    """PSS of a process and its children: the memory they take together."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    return pss_bytes(pid) + sum(node_pss(child) for child in children)
+
+
+def loader_epoch_memory(rows, workers, batch_size=64):
+    """One epoch of train.py's sampler and DataLoader over the rows (no images): the peak PSS
+    of this process and its workers together, sampled every 100 batches."""
+    sampler = data.GlobalBatchSampler(np.arange(len(rows)), batch_size, 1, 0, 1, 0,
+                                      len(rows) // batch_size)
+    loader = data.make_train_loader(RowLengths(rows), sampler, workers, 0, False)
+    peak = 0
+    for step, _ in enumerate(loader):
+        if step % 100 == 0:
+            peak = max(peak, node_pss(os.getpid()))
+    return max(peak, node_pss(os.getpid()))
+
+
 def table_memory(rows_wanted, workers):
     """Print the table's bytes, per million rows, and what an epoch in the workers adds."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "quilt_shaped.csv")
         started = time.perf_counter()
-        write_quilt_shaped_csv(path, rows_wanted)
+        # In a child process, so that the trainer's peak memory below is the table's alone.
+        writer = multiprocessing.get_context("fork").Process(
+            target=write_quilt_shaped_csv, args=(path, rows_wanted))
+        writer.start()
+        writer.join()
         written = time.perf_counter()
         rows, sizes, split_filter = table.read_csv_table(path)
         read = time.perf_counter()
@@ -133,6 +171,10 @@ def table_memory(rows_wanted, workers):
     growth = max(after - before for before, after in measured)
     print(f"workers: {workers} forked, each touched every row; the largest PSS growth of one "
           f"worker {growth / 2**20:.1f} MiB ({growth / rows.nbytes:.1%} of the table)")
+    peak = loader_epoch_memory(rows, workers)
+    print(f"an epoch of the sampler and DataLoader ({workers} workers, no images): peak PSS of "
+          f"the trainer and its workers {peak / 2**20:.1f} MiB; the trainer's peak RSS "
+          f"{bench.peak_rss_mib():.1f} MiB; UTF-8 paths + captions {text_bytes} bytes")
 
 
 def main(argv=None):

@@ -351,9 +351,8 @@ def image_root(args):
 
 
 class TrainData(NamedTuple):
-    """The training rows of the CSV (its --train-split), and what is known of them before
-    training."""
-    rows: table.Rows      # (image path, caption) of the rows the split keeps, shared by workers
+    """The CSV's training rows (its --train-split) and what is known of them before training."""
+    rows: table.Rows      # (image path, caption) of the rows the split keeps
     samples: np.ndarray   # indices into rows of those to train on: all, or all but the bad ones
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
