@@ -350,6 +350,21 @@ def image_root(args):
     return args.image_root or os.path.dirname(os.path.abspath(args.train_data))
 
 
+class Stopwatch:
+    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
+    scales with the rows shows, printed at start and kept in the manifest."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase):
+        """The time since the last lap is `phase`'s."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
+
+
 class TrainData(NamedTuple):
     """The CSV's training rows (its --train-split) and what is known of them before training."""
     rows: table.Rows      # (image path, caption) of the rows the split keeps
@@ -359,7 +374,7 @@ class TrainData(NamedTuple):
     crop_fallback: float  # the share of crops that are RandomResizedCrop's fixed centre crop
 
 
-def prepare_data(args, run_dir, proc):
+def prepare_data(args, run_dir, proc, clock):
     """The training rows, decided before training and identical on every rank. Without
     --train-data, rank 0 generates the demo dataset while the others wait."""
     if args.train_data is None:
@@ -370,13 +385,16 @@ def prepare_data(args, run_dir, proc):
     rows, sizes, split_filter = table.read_csv_table(
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
+    clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
     table.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:
         report_split(args, split_filter)
         crop_fallback = report_crop_fallback(args, rows, sizes)
+    clock.lap("checks")
     sha256 = plumbing.file_sha256(args.train_data)
+    clock.lap("fingerprint")
     return TrainData(rows, samples, split_filter, sha256, crop_fallback)
 
 
@@ -452,7 +470,7 @@ def make_tokenizer(args, rows, vocab_size, run_dir, proc):
     return data.load_tokenizer(tokenizer_dir)
 
 
-def build_model(args, rows, run_dir, proc):
+def build_model(args, rows, run_dir, proc, clock):
     """The tokenizer, the model on this rank's device, and its optimizer."""
     # Weights bring their own sizes (--model names a preset or config otherwise) and need the
     # tokenizer they were trained with: one of our run checkpoints finds its run's; published
@@ -471,6 +489,7 @@ def build_model(args, rows, run_dir, proc):
     else:
         cfg = model_config(args.model)
     tokenizer = make_tokenizer(args, rows, cfg.vocab_size, run_dir, proc)
+    clock.lap("tokenizer")
     if not args.tokenizer and not model:
         cfg.vocab_size = len(tokenizer)  # our BPE may stop short of the requested size
     elif len(tokenizer) > cfg.vocab_size:
@@ -482,7 +501,9 @@ def build_model(args, rows, run_dir, proc):
     model = model or CLIP(cfg)
     model = model.to(proc.device)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    return tokenizer, model, make_optimizer(model, args)
+    optimizer = make_optimizer(model, args)
+    clock.lap("model")
+    return tokenizer, model, optimizer
 
 
 class Schedule(NamedTuple):
@@ -595,7 +616,8 @@ def make_loader(args, train_data, tokenizer, cfg, schedule, start_step, proc):
     return data.make_train_loader(dataset, sampler, args.workers, args.seed, pin_memory)
 
 
-def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, resumed):
+def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, resumed,
+                   startup_seconds):
     """manifest.json; returned, for `finish` to complete. A resumed run keeps its start time."""
     # RULE 9: the manifest records everything that could change a result: every resolved flag,
     # the data, the tokenizer, the determinism settings, the libraries and the machine.
@@ -622,6 +644,7 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                         "cudnn_benchmark": torch.backends.cudnn.benchmark},
         **plumbing.environment(proc.device),
+        "startup_seconds": startup_seconds,
         "started": manifest.get("started", datetime.datetime.now().isoformat()),
     })
     plumbing.write_json(path, manifest)
@@ -702,17 +725,21 @@ def main(argv=None):
     run_dir = make_run_dir(args)
     if proc.is_main:
         plumbing.remove_leftovers(run_dir)  # of writes a killed run left midway
-    train_data = prepare_data(args, run_dir, proc)
-    tokenizer, model, optimizer = build_model(args, train_data.rows, run_dir, proc)
+    clock = Stopwatch()
+    train_data = prepare_data(args, run_dir, proc, clock)
+    tokenizer, model, optimizer = build_model(args, train_data.rows, run_dir, proc, clock)
     schedule = make_schedule(args, len(train_data.samples), proc.world)
     identity = run_identity(args, schedule, train_data)
     start_step, skipped, resumed = resume_or_start(args, run_dir, model, optimizer, identity,
                                                    proc)
     ddp_model = distribute(model, args, proc.world)
     loader = make_loader(args, train_data, tokenizer, model.config, schedule, start_step, proc)
+    clock.lap("resume and loader")
     if proc.is_main:
+        phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items())
+        print(f"start-up: {phases}")
         manifest = write_manifest(args, run_dir, proc, schedule, model.config, tokenizer,
-                                  train_data, resumed)
+                                  train_data, resumed, clock.seconds)
         # Lines a killed run wrote after its last checkpoint are redone.
         plumbing.keep_log_until(os.path.join(run_dir, "log.jsonl"), start_step)
         print(f"run folder {run_dir}: {len(train_data.samples)} pairs, {proc.world} process(es) x "

@@ -185,7 +185,8 @@ def test_train_flags_reach_the_model(tmp_path, capsys):
     os.makedirs(tmp_path / "run")
     flags = ["--pretrained", folder, "--tokenizer", folder, "--activation", "gelu"]
     args = train.parse_args(flags)
-    tokenizer, model, _ = train.build_model(args, [], str(tmp_path / "run"), proc)
+    tokenizer, model, _ = train.build_model(args, [], str(tmp_path / "run"), proc,
+                                          train.Stopwatch())
     assert not model.config.quick_gelu
     assert len(tokenizer) == CFG.vocab_size
     assert "overrides it" in capsys.readouterr().out
