@@ -32,7 +32,6 @@ from PIL import Image
 import data
 import demo_data
 import plumbing
-import table
 import train
 from plumbing import UsageError
 from model import CLIP, model_config
@@ -247,7 +246,7 @@ def as_train_args(args):
 def demo_loaders(cfg, train_args, device):
     """A function of the step count -> an iterator over demo batches, as train.py's loader."""
     csv_path = demo_data.ensure_demo_data()
-    rows = table.read_csv(csv_path)
+    rows = data.read_csv(csv_path)
     batch_size = train_args.batch_size
     if len(rows) < batch_size:
         raise UsageError(f"the demo dataset has {len(rows)} pairs, "
@@ -285,7 +284,7 @@ def checks_overhead():
     """What data.py's robustness checks cost the happy path: per image, per CSV row at start-up."""
     csv_path = demo_data.ensure_demo_data()
     root = os.path.dirname(csv_path)
-    rows = table.read_csv(csv_path)[:600]
+    rows = data.read_csv(csv_path)[:600]
     max_pixels = train.parse_args([]).max_image_pixels
 
     def per_image(load):  # decode + train transform of the demo JPEGs, one thread
@@ -303,7 +302,7 @@ def checks_overhead():
           f"{min(checked) * 1e6:.0f} us ({cost:+.1f}%)")
     many = [path for path, _ in rows] * 170
     started = time.perf_counter()
-    table.check_paths(many, root, csv_path, False)
+    data.check_paths(many, root, csv_path, False)
     per_row = (time.perf_counter() - started) / len(many)
     print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row "
           f"(QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")

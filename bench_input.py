@@ -23,13 +23,8 @@ import torch
 import bench
 import data
 import plumbing
-import table
 from plumbing import UsageError
 
-# QUILT-1M's quilt_1M_lookup.csv: a pandas index column with an empty name, then these twelve.
-QUILT_COLUMNS = ["", "caption", "image_path", "subset", "split", "pathology", "roi_text",
-                 "noisy_text", "corrected_text", "med_umls_ids", "magnification", "height",
-                 "width"]
 WORDS = ("tissue", "nuclei", "stroma", "gland", "mitotic", "figure", "carcinoma", "benign",
          "lymphocytes", "necrosis", "eosinophilic", "cytoplasm", "at", "high", "power", "we",
          "see", "the", "a", "of", "with", "and", "this", "is", "pleomorphic", "infiltrating")
@@ -51,7 +46,7 @@ def write_quilt_shaped_csv(path, rows, seed=0):
     frame_sizes = [(640, 360), (1280, 720), (1920, 1080)]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(QUILT_COLUMNS)
+        writer.writerow(data.QUILT_COLUMNS)
         for index in range(rows):
             caption = text[caption_starts[index]:caption_ends[index] - 1]
             split = "val" if index % 10 == 9 else "train"
@@ -153,7 +148,7 @@ def table_memory(rows_wanted, workers):
         writer.start()
         writer.join()
         written = time.perf_counter()
-        rows, sizes, split_filter = table.read_csv_table(path)
+        rows, sizes, split_filter = data.read_csv_table(path)
         read = time.perf_counter()
     text_bytes = len(rows.paths.buffer) + len(rows.captions.buffer)
     per_million = rows.nbytes / len(rows) * 1e6

@@ -39,7 +39,6 @@ import data
 import demo_data
 import evaluate
 import plumbing
-import table
 from model import CLIP, model_config, read_weights_file, run_tokenizer_folder
 from plumbing import UsageError, default_precision, make_run_dir, save_checkpoint
 
@@ -367,7 +366,7 @@ class Stopwatch:
 
 class TrainData(NamedTuple):
     """The CSV's training rows (its --train-split) and what is known of them before training."""
-    rows: table.Rows      # (image path, caption) of the rows the split keeps
+    rows: data.Rows      # (image path, caption) of the rows the split keeps
     samples: np.ndarray   # indices into rows of those to train on: all, or all but the bad ones
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
@@ -382,11 +381,11 @@ def prepare_data(args, run_dir, proc, clock):
             demo_data.ensure_demo_data()
         plumbing.barrier()
         args.train_data = demo_data.ensure_demo_data()
-    rows, sizes, split_filter = table.read_csv_table(
+    rows, sizes, split_filter = data.read_csv_table(
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
-    table.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths)
+    data.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:

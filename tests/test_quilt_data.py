@@ -16,11 +16,8 @@ from PIL import Image
 
 import bench_input
 import data
-import table
 from plumbing import UsageError
 
-# QUILT-1M's quilt_1M_lookup.csv: a pandas index column with an empty name, then twelve.
-QUILT_COLUMNS = bench_input.QUILT_COLUMNS
 FRAME_SIZES = [(160, 90), (128, 72), (64, 36), (96, 72), (48, 36)]  # three 16:9, two 4:3
 WIDE = (9 / 16, 16 / 9)
 
@@ -34,7 +31,7 @@ def quilt_row(index, split, width, height):
             "med_umls_ids": "[]", "magnification": 1, "height": height, "width": width}
 
 
-def write_quilt(folder, rows, columns=QUILT_COLUMNS):
+def write_quilt(folder, rows, columns=data.QUILT_COLUMNS):
     """The CSV with `columns` (QUILT's by default) and a real JPEG of each row's size."""
     (folder / "frames").mkdir(exist_ok=True)
     for row in rows:
@@ -71,35 +68,35 @@ def one_line(call, *args, **kwargs):
 
 def test_csv_keeps_only_the_train_split_and_counts_the_held_out_rows(quilt):
     path, written = quilt
-    rows, sizes, split_filter = table.read_csv_table(path)
+    rows, sizes, split_filter = data.read_csv_table(path)
     train = [row for row in written if row["split"] == "train"]
     assert list(rows) == [(row["image_path"], row["caption"]) for row in train]  # quotes, commas, \n
     assert split_filter == {"column": "split", "value": "train", "column_present": True,
                             "rows_in_csv": 36, "rows_kept": 24}
     assert sizes.dtype == np.int32
     assert sizes.tolist() == [[row["width"], row["height"]] for row in train]
-    val_rows, _, val_filter = table.read_csv_table(path, split_value="val")
+    val_rows, _, val_filter = data.read_csv_table(path, split_value="val")
     assert len(val_rows) == val_filter["rows_kept"] == 12
     assert not set(val_rows) & set(rows)
-    every_row, _, all_filter = table.read_csv_table(path, split_value="all")
+    every_row, _, all_filter = data.read_csv_table(path, split_value="all")
     assert len(every_row) == all_filter["rows_kept"] == all_filter["rows_in_csv"] == 36
-    assert table.read_csv(path) == list(every_row)  # read_csv: every row, as before
+    assert data.read_csv(path) == list(every_row)  # read_csv: every row, as before
 
 
 def test_csv_without_the_split_column_keeps_every_row_and_says_so(tmp_path):
     written = [quilt_row(index, "val", 64, 36) for index in range(5)]
     path = write_quilt(tmp_path, written, ["image_path", "caption"])
-    rows, sizes, split_filter = table.read_csv_table(path)
+    rows, sizes, split_filter = data.read_csv_table(path)
     assert len(rows) == 5 and sizes is None
     assert split_filter["column_present"] is False and split_filter["rows_kept"] == 5
 
 
 def test_csv_split_value_that_no_row_has_is_refused_naming_file_column_values(quilt):
     path, _ = quilt
-    message = one_line(table.read_csv_table, path, split_value="training")
+    message = one_line(data.read_csv_table, path, split_value="training")
     assert message.startswith(f"{path}: no row has split == 'training'")
     assert "'train', 'val'" in message and "--train-split all" in message
-    message = one_line(table.read_csv_table, path, split_key="subset", split_value="train")
+    message = one_line(data.read_csv_table, path, split_key="subset", split_value="train")
     assert "subset == 'train'" in message and "'youtube'" in message
 
 
@@ -107,9 +104,9 @@ def test_csv_duplicates_are_counted_among_the_kept_rows_only(tmp_path, capsys):
     written = [quilt_row(0, "train", 64, 36), quilt_row(1, "val", 64, 36)]
     written.append(dict(written[1]))  # a duplicate among the val rows only
     path = write_quilt(tmp_path, written)
-    table.read_csv_table(path)
+    data.read_csv_table(path)
     assert "duplicate" not in capsys.readouterr().out
-    table.read_csv_table(path, split_value="all")
+    data.read_csv_table(path, split_value="all")
     assert "1 duplicate rows" in capsys.readouterr().out
 
 
@@ -117,7 +114,7 @@ def test_csv_duplicates_are_counted_among_the_kept_rows_only(tmp_path, capsys):
 
 def test_image_sizes_from_the_csv_columns_and_from_the_headers_agree(quilt, tmp_path):
     path, _ = quilt
-    rows, sizes, _ = table.read_csv_table(path)
+    rows, sizes, _ = data.read_csv_table(path)
     from_columns = data.image_sizes(rows, str(tmp_path), sizes)
     from_headers = data.image_sizes(rows, str(tmp_path))  # 24 rows: all of them, in row order
     assert from_columns.tolist() == from_headers.tolist() == sizes.tolist()
@@ -191,7 +188,7 @@ class FixedTokenizer:
 
 def test_the_crop_ratio_reaches_the_crop_of_a_16_9_image(quilt, tmp_path):
     path, _ = quilt
-    rows, _, _ = table.read_csv_table(path)
+    rows, _, _ = data.read_csv_table(path)
     frame = data.load_rgb(tmp_path / rows[0][0])
     assert frame.size == (160, 90)
     seeds = range(8)
@@ -221,7 +218,7 @@ def test_jpeg_draft_keeps_the_narrowest_crop_of_the_ratio_at_image_size():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PSS is read from Linux's /proc")
 def test_a_forked_worker_that_reads_every_row_does_not_copy_the_table(tmp_path):
     path = bench_input.write_quilt_shaped_csv(str(tmp_path / "quilt.csv"), 200_000)
-    rows, _, _ = table.read_csv_table(path)
+    rows, _, _ = data.read_csv_table(path)
     [(before, after)] = bench_input.epoch_in_workers(rows, workers=1)
     assert after - before < 0.05 * rows.nbytes  # measured: 0.3 MiB of a 48 MiB table
     # The measure sees a copy: the same rows as a list of tuples are copied into the worker.

@@ -20,7 +20,6 @@ from PIL import Image
 
 import data
 import plumbing
-import table
 import train
 from conftest import REPO, STEPS, kill_job, run_train, small_run
 from plumbing import UsageError
@@ -42,22 +41,22 @@ def write_csv(path, text, encoding="utf-8"):
 # ----------------------------------------------------------------------------- CSV
 
 def test_csv_problems_are_named_with_the_fix(tmp_path):
-    assert "no such file" in one_line_exit(table.read_csv, str(tmp_path / "missing.csv"))
-    assert "empty" in one_line_exit(table.read_csv, write_csv(tmp_path / "empty.csv", ""))
-    message = one_line_exit(table.read_csv, write_csv(tmp_path / "cols.csv", "path,text\na.jpg,b\n"))
+    assert "no such file" in one_line_exit(data.read_csv, str(tmp_path / "missing.csv"))
+    assert "empty" in one_line_exit(data.read_csv, write_csv(tmp_path / "empty.csv", ""))
+    message = one_line_exit(data.read_csv, write_csv(tmp_path / "cols.csv", "path,text\na.jpg,b\n"))
     assert "no column 'image_path'" in message and "['path', 'text']" in message and "--csv-img-key" in message
-    message = one_line_exit(table.read_csv, write_csv(tmp_path / "semi.csv", "image_path;caption\na.jpg;b\n"))
+    message = one_line_exit(data.read_csv, write_csv(tmp_path / "semi.csv", "image_path;caption\na.jpg;b\n"))
     assert "--csv-separator" in message  # one column found: the separator is the likely culprit
-    assert "no rows" in one_line_exit(table.read_csv, write_csv(tmp_path / "header.csv", "image_path,caption\n"))
+    assert "no rows" in one_line_exit(data.read_csv, write_csv(tmp_path / "header.csv", "image_path,caption\n"))
 
 
 def test_csv_quoting_bom_separator_and_duplicates(tmp_path, capsys):
     text = 'image_path,caption,other\na.jpg,"tumour, grade 2\nsecond line",x\na.jpg,"tumour, grade 2\nsecond line",x\n'
-    rows = table.read_csv(write_csv(tmp_path / "bom.csv", text, "utf-8-sig"))
+    rows = data.read_csv(write_csv(tmp_path / "bom.csv", text, "utf-8-sig"))
     assert rows == [("a.jpg", "tumour, grade 2\nsecond line")] * 2
     assert "1 duplicate rows" in capsys.readouterr().out
     tsv = write_csv(tmp_path / "pairs.tsv", "filepath\ttitle\nb.jpg\tlymph node, benign\n")
-    assert table.read_csv(tsv, "filepath", "title") == [("b.jpg", "lymph node, benign")]
+    assert data.read_csv(tsv, "filepath", "title") == [("b.jpg", "lymph node, benign")]
 
 
 def test_image_paths_outside_the_image_root_are_refused(tmp_path):
@@ -67,9 +66,9 @@ def test_image_paths_outside_the_image_root_are_refused(tmp_path):
     root = str(tmp_path / "root")
     for bad in ["../../etc/passwd", "slides/../x.jpg", "slides/../../x.jpg", "..\\x.jpg", "/etc/passwd"]:
         rows = [("ok.jpg", "fine"), ("slides/a.jpg", "symlinked, fine"), (bad, "sneaky")]
-        message = one_line_exit(table.check_paths, [path for path, _ in rows], root, "pairs.csv", allow_absolute=False)
+        message = one_line_exit(data.check_paths, [path for path, _ in rows], root, "pairs.csv", allow_absolute=False)
         assert "data row 3" in message and repr(bad) in message and "--allow-absolute-paths" in message
-    table.check_paths(["/abs/ok.jpg"], root, "pairs.csv", allow_absolute=True)
+    data.check_paths(["/abs/ok.jpg"], root, "pairs.csv", allow_absolute=True)
 
 
 # ----------------------------------------------------------------------------- images
@@ -115,7 +114,7 @@ def messy_csv(demo_csv, tmp_path_factory):
     """24 good demo rows and three bad ones: a truncated JPEG, a zero-byte file, an empty caption."""
     folder = tmp_path_factory.mktemp("messy")
     root = os.path.dirname(demo_csv)
-    rows = table.read_csv(demo_csv)[::100][:24]
+    rows = data.read_csv(demo_csv)[::100][:24]
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "cut.jpg").write_bytes(open(os.path.join(root, rows[0][0]), "rb").read()[:500])
     lines = ["image_path,caption"] + [f"{os.path.join(root, p)},{c}" for p, c in rows[:10]]
