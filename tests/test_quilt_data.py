@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-import bench_input
+import bench
 import data
 from plumbing import UsageError
 
@@ -217,10 +217,10 @@ def test_jpeg_draft_keeps_the_narrowest_crop_of_the_ratio_at_image_size():
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PSS is read from Linux's /proc")
 def test_a_forked_worker_that_reads_every_row_does_not_copy_the_table(tmp_path):
-    path = bench_input.write_quilt_shaped_csv(str(tmp_path / "quilt.csv"), 200_000)
+    path = bench.write_quilt_shaped_csv(str(tmp_path / "quilt.csv"), 200_000)
     rows, _, _ = data.read_csv_table(path)
-    [(before, after)] = bench_input.epoch_in_workers(rows, workers=1)
+    [(before, after)] = bench.epoch_in_workers(rows, workers=1)
     assert after - before < 0.05 * rows.nbytes  # measured: 0.3 MiB of a 48 MiB table
     # The measure sees a copy: the same rows as a list of tuples are copied into the worker.
-    [(before, after)] = bench_input.epoch_in_workers(list(rows), workers=1)
+    [(before, after)] = bench.epoch_in_workers(list(rows), workers=1)
     assert after - before > 0.5 * rows.nbytes
