@@ -303,7 +303,8 @@ def save_checkpoint(run_dir, checkpoint, keep=2):
 # ----------------------------------------------------------------------------- the loop's records
 
 class Log:
-    """log.jsonl and the progress bar, both rank 0's."""
+    """log.jsonl and the progress bar, both rank 0's; a `with` block closes the bar, so an error
+    that stops the run prints on a line of its own."""
 
     def __init__(self, path, total_steps, start_step, is_main):
         self.path = path
@@ -311,6 +312,12 @@ class Log:
         self.progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
                              dynamic_ncols=True, mininterval=2)
         self.tick = time.time()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.progress.close()
 
     def write(self, record, samples):
         """`record` and samples_per_s, over the `samples` trained on since the last line."""
@@ -323,7 +330,7 @@ class Log:
 
 
 class NonFiniteLoss:
-    """Stops the run at a non-finite loss without a synchronisation per step.
+    """Stops the run at a non-finite loss or gradient without a synchronisation per step.
 
     Each step's verdict stays on the device, folded into the first bad step; `check` reads it
     where the loop synchronises anyway, before a log line or a checkpoint, so a non-finite model
@@ -338,15 +345,15 @@ class NonFiniteLoss:
         self.none = total_steps + 1  # "no bad step yet"
         self.first_bad_step = torch.tensor(self.none, device=device)
 
-    def skip(self, loss, step):
+    def skip(self, loss, gradient_norm, step):
         """Whether to skip the update of `step` (only with --skip-nonfinite)."""
-        finite = torch.isfinite(loss)
+        finite = torch.isfinite(loss) & torch.isfinite(gradient_norm)
         if self.limit and not min_over_ranks(finite):
             self.skipped.append(step)
             if len(self.skipped) > self.limit:
-                raise UsageError(f"non-finite loss at steps {self.skipped}, more than "
-                                 f"--skip-nonfinite {self.limit}; the last good checkpoint is "
-                                 f"kept in {self.run_dir}/checkpoints.")
+                raise UsageError(f"non-finite loss or gradient at steps {self.skipped}, more "
+                                 f"than --skip-nonfinite {self.limit}; the last good checkpoint "
+                                 f"is kept in {self.run_dir}/checkpoints.")
             return True
         bad_step = torch.where(finite, self.none, step)
         self.first_bad_step = torch.minimum(self.first_bad_step, bad_step)
@@ -356,9 +363,9 @@ class NonFiniteLoss:
         """Raise if the loss was not finite on any rank at any step so far: a synchronisation."""
         first = min_over_ranks(self.first_bad_step).item()
         if first != self.none:
-            raise UsageError(f"the loss was not finite at step {first}; the last good checkpoint "
-                             f"is kept in {self.run_dir}/checkpoints. Lower --lr, set "
-                             "--grad-clip-norm, or pass --skip-nonfinite N.")
+            raise UsageError(f"the loss or its gradient was not finite at step {first}; the last "
+                             f"good checkpoint is kept in {self.run_dir}/checkpoints. Lower --lr, "
+                             "set --grad-clip-norm, or pass --skip-nonfinite N.")
 
 
 # ----------------------------------------------------------------------------- the machine

@@ -332,6 +332,12 @@ def optimizer_step(model, optimizer, args):
     model.clamp_logit_scale()
 
 
+def gradient_norm(model):
+    """The L2 norm of all gradients together, left on the device (no synchronisation)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                          if p.grad is not None])
+
+
 def next_micro_batches(batches, accum_steps, device):
     """The next global batch's micro-batches on `device`; a bad sample stops the run."""
     micro_batches = []
@@ -671,33 +677,35 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
                               enabled=args.precision == "bf16")
     nonfinite = plumbing.NonFiniteLoss(args.skip_nonfinite, total, skipped, run_dir, proc.device)
     batches = iter(loader)
-    log = plumbing.Log(os.path.join(run_dir, "log.jsonl"), total, start_step, proc.is_main)
-    for step in range(start_step, total):
-        lr = cosine_lr(step, args.lr, schedule.warmup, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = next_micro_batches(batches, args.accum_steps, proc.device)
-        loss = train_step(ddp_model, micro_batches, args, autocast)
-        done = step + 1
-        if nonfinite.skip(loss, done):
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer_step(model, optimizer, args)
-        log.progress.update()
-        log_now = done % args.log_every == 0 or done == total
-        save_now = done % schedule.save_every == 0 or done == total
-        if log_now or save_now:  # the only synchronisations in the loop
-            nonfinite.check()  # never log or save a model that is not finite
-        if log_now:
-            loss = plumbing.mean_over_ranks(loss)  # every rank takes part
-            record = {"step": done, "epoch": step // schedule.steps_per_epoch, "loss": loss.item(),
-                      "lr": lr, "logit_scale": model.logit_scale.exp().item()}
-            log.write(record, args.log_every * schedule.global_batch)
-        if save_now:
-            epoch = done // schedule.steps_per_epoch
-            save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity,
-                      proc.is_main)
-    log.progress.close()
+    log_path = os.path.join(run_dir, "log.jsonl")
+    with plumbing.Log(log_path, total, start_step, proc.is_main) as log:
+        for step in range(start_step, total):
+            lr = cosine_lr(step, args.lr, schedule.warmup, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = next_micro_batches(batches, args.accum_steps, proc.device)
+            loss = train_step(ddp_model, micro_batches, args, autocast)
+            done = step + 1
+            # A finite loss can still have a gradient that overflowed in backward: judge both.
+            if nonfinite.skip(loss, gradient_norm(model), done):
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer_step(model, optimizer, args)
+            log.progress.update()
+            log_now = done % args.log_every == 0 or done == total
+            save_now = done % schedule.save_every == 0 or done == total
+            if log_now or save_now:  # the only synchronisations in the loop
+                nonfinite.check()  # never log or save a model that is not finite
+            if log_now:
+                loss = plumbing.mean_over_ranks(loss)  # every rank takes part
+                record = {"step": done, "epoch": step // schedule.steps_per_epoch,
+                          "loss": loss.item(), "lr": lr,
+                          "logit_scale": model.logit_scale.exp().item()}
+                log.write(record, args.log_every * schedule.global_batch)
+            if save_now:
+                epoch = done // schedule.steps_per_epoch
+                save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity,
+                          proc.is_main)
 
 
 def finish(args, model, tokenizer, manifest, skipped, started, run_dir, device):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Session fixtures that train; a test that asks for one (even through another fixture) is slow.
-TRAINING_FIXTURES = {"demo_run", "uninterrupted"}
+# Fixtures that train (here and in test files); a test that asks for one (even through another
+# fixture) is slow.
+TRAINING_FIXTURES = {"demo_run", "uninterrupted", "stopped_at_nonfinite"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,7 +80,27 @@ def kill_job(job):
     for group in [job.pid, *map(int, workers)]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-    job.wait()
+    job.wait(timeout=60)  # SIGKILL cannot be caught: only a hung kernel could keep it waiting
+
+
+def wait_until(condition, timeout, what):
+    """Poll `condition()` until it holds; after `timeout` seconds fail the test, saying `what`
+    it waited for, rather than hang CI."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_exit(job, timeout, log):
+    """The exit status of a job started with Popen; fails the test with the end of its `log`
+    if it runs past `timeout` seconds (the caller kills it)."""
+    try:
+        return job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s; the end of {log}:\n"
+                    f"{open(log).read()[-3000:]}")
 
 
 @pytest.fixture(scope="session")
