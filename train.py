@@ -135,9 +135,8 @@ def contrastive_loss(image_features, text_features, logit_scale, local_loss=Fals
 
 # ----------------------------------------------------------------------------- flags
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add = parser.add_argument
+def add_data_flags(add):
+    """The training data: where it is, which rows train, how images are read and cropped."""
     add("--train-data", help="CSV/TSV of image paths and captions (default: the demo dataset)")
     add("--image-root",
         help="folder the CSV's image paths are relative to (default: the CSV's folder)")
@@ -148,6 +147,30 @@ def parse_args(argv=None):
         help="column naming each row's split (QUILT-1M's); without it, every row is used")
     add("--train-split", default="train",
         help="train only on rows whose --csv-split-key is this value; 'all': every row")
+    add("--workers", type=int, default=2,
+        help="data-loader processes per rank (results do not depend on it)")
+    add("--rrc-scale", type=float, default=0.8,
+        help="RandomResizedCrop lower scale; RULE 5: 0.7-0.8")
+    add("--rrc-ratio", type=float, nargs=2, default=list(data.RRC_RATIO), metavar=("LO", "HI"),
+        help="RandomResizedCrop's range of crop aspects (width/height); see the fallback share "
+             "printed at start: 16:9 frames need a wider range or a lower --rrc-scale")
+    add("--bad-samples", choices=["error", "skip"], default="error",
+        help="an unreadable image or empty caption stops the run (error) "
+             "or is left out, decided before training (skip)")
+    add("--check-data", action="store_true",
+        help="read every image once before training and list the bad rows")
+    add("--max-image-pixels", type=int, default=89_478_485,
+        help="refuse larger images (decompression bombs)")
+    add("--allow-absolute-paths", action="store_true",
+        help="let CSV image paths leave --image-root")
+    add("--jpeg-draft", action="store_true",
+        help="decode large JPEGs at a reduced scale: a faster loader, other pixels")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add_data_flags(add)
     add("--model", default="tiny",
         help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
     add("--tokenizer", help="local HF tokenizer folder (default: train a BPE on the captions)")
@@ -174,14 +197,7 @@ def parse_args(argv=None):
     add("--precision", choices=["fp32", "bf16"],
         help="bf16 = autocast, weights stay fp32 "
              "(default: bf16 where the hardware has it natively, else fp32)")
-    add("--workers", type=int, default=2,
-        help="data-loader processes per rank (results do not depend on it)")
     add("--seed", type=int, default=0)
-    add("--rrc-scale", type=float, default=0.8,
-        help="RandomResizedCrop lower scale; RULE 5: 0.7-0.8")
-    add("--rrc-ratio", type=float, nargs=2, default=list(data.RRC_RATIO), metavar=("LO", "HI"),
-        help="RandomResizedCrop's range of crop aspects (width/height); see the fallback share "
-             "printed at start: 16:9 frames need a wider range or a lower --rrc-scale")
     # RULE 4: the global loss with gradient through the gather by default: the exact gradient.
     add("--local-loss", action=argparse.BooleanOptionalAction, default=False)
     add("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True)
@@ -193,21 +209,10 @@ def parse_args(argv=None):
     add("--save-every", type=int, help="checkpoint every N steps (default: once per epoch)")
     add("--log-every", type=int, default=10)
     add("--resume", help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
-    add("--bad-samples", choices=["error", "skip"], default="error",
-        help="an unreadable image or empty caption stops the run (error) "
-             "or is left out, decided before training (skip)")
-    add("--check-data", action="store_true",
-        help="read every image once before training and list the bad rows")
-    add("--max-image-pixels", type=int, default=89_478_485,
-        help="refuse larger images (decompression bombs)")
-    add("--allow-absolute-paths", action="store_true",
-        help="let CSV image paths leave --image-root")
-    add("--jpeg-draft", action="store_true",
-        help="decode large JPEGs at a reduced scale: a faster loader, other pixels")
     add("--compile", action="store_true",
-        help="torch.compile the model (GPU: +12%% on ViT-B-32 bf16; CPU: no gain)")
+        help="torch.compile the model (see docs/performance.md for what it gains)")
     add("--skip-nonfinite", type=int, default=0,
-        help="skip up to N steps whose loss is not finite, instead of stopping")
+        help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
     args = parser.parse_args(argv)
     check_flags(args)
     return args
