@@ -272,11 +272,14 @@ class StringColumn:
 
 
 class Rows:
-    """(image path, caption) pairs held as two StringColumns: rows[i] is a fresh tuple."""
+    """(image path, caption) pairs held as two StringColumns: rows[i] is a fresh tuple.
+    numbers[i] is row i's number among the CSV's data rows, which messages name: with a split
+    filtered out, it is not i + 1."""
 
-    def __init__(self, paths, captions):
+    def __init__(self, paths, captions, numbers):
         self.paths = paths
         self.captions = captions
+        self.numbers = numbers
 
     @property
     def nbytes(self):
@@ -367,6 +370,7 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     captions = StringColumn()
     hashes = array.array("q")  # of (path, caption), to count duplicates
     sizes = array.array("i")  # width, height, width, ...: 8 bytes a row, not ~70 as ints
+    numbers = array.array("i")  # of the kept rows among the CSV's data rows, from 1
     values_seen = collections.Counter()
     with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
         # csv.reader's lists, not DictReader's dicts: a third of the time on a million rows.
@@ -386,6 +390,7 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
             value = row[split_at]
             values_seen[value] += 1
             if value == split_value or split_value == "all" or split_at == len(columns):
+                numbers.append(sum(values_seen.values()))
                 paths.append(row[img_at])
                 captions.append(row[caption_at])
                 hashes.append(hash((row[img_at], row[caption_at])))
@@ -401,7 +406,7 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     duplicates = count_duplicates(hashes)
     if duplicates:
         print(f"warning: {path}: {duplicates} duplicate rows (same image and caption); kept.")
-    rows = Rows(paths.freeze(), captions.freeze())
+    rows = Rows(paths.freeze(), captions.freeze(), np.frombuffer(numbers, dtype=np.int32))
     has_split = split_at < len(columns)
     split_filter = {"column": split_key, "value": split_value, "column_present": has_split,
                     "rows_in_csv": rows_in_csv, "rows_kept": len(rows)}
@@ -412,15 +417,24 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     return rows, size_array, split_filter
 
 
-def check_paths(paths, image_root, csv_path, allow_absolute):
+def data_row(rows, index):
+    """The number, among the CSV's data rows, of rows[index] (Rows, or a plain list of pairs)."""
+    numbers = getattr(rows, "numbers", None)
+    if numbers is None:
+        return index + 1
+    return int(numbers[index])
+
+
+def check_paths(paths, image_root, csv_path, allow_absolute, numbers=None):
     """Refuse image paths that may leave --image-root (absolute, or any '..'): a CSV is data,
     not a key. The check reads the path's text, not the file system, so a dataset folder
     symlinked to another disk works; '..' is refused anywhere, because 'slides/../x' leaves the
     root when slides is such a symlink."""
     if allow_absolute:
         return
-    for number, path in enumerate(paths, start=1):
+    for index, path in enumerate(paths):
         if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+            number = index + 1 if numbers is None else numbers[index]
             raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point "
                              f"outside --image-root {image_root}. Fix the row, or pass "
                              "--allow-absolute-paths if you trust the CSV.")
@@ -513,9 +527,9 @@ class CsvDataset(Dataset):
         except BadSampleError as e:
             # Handed back as data: an exception raised in a worker process reaches the trainer
             # only as the text of a traceback.
-            return BadSample(f"data row {index + 1} ({path}): {e}. Fix or remove the row, or "
-                             "pass --bad-samples skip to leave out every bad row, decided "
-                             "before training.")
+            return BadSample(f"data row {data_row(self.rows, index)} ({path}): {e}. Fix or "
+                             "remove the row, or pass --bad-samples skip to leave out every bad "
+                             "row, decided before training.")
         seed = sample_seed(self.seed, epoch, index)
         image = train_transform(image, self.image_size, self.rrc_scale_min, seed, self.rrc_ratio)
         return image, tokenize(self.tokenizer, [caption], self.context_length)[0]

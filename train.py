@@ -396,7 +396,8 @@ def prepare_data(args, run_dir, proc, clock):
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
-    data.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths)
+    data.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
+                     rows.numbers)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:
@@ -421,11 +422,12 @@ def usable_samples(args, rows, run_dir, proc):
     for part in plumbing.gather_objects(found):
         bad.update(part)
     if proc.is_main:
-        listing = {f"data row {i + 1}": bad[i] for i in sorted(bad)}
+        listing = {f"data row {data.data_row(rows, i)}": bad[i] for i in sorted(bad)}
         plumbing.write_json(os.path.join(run_dir, "bad_samples.json"), listing)
     if bad and args.bad_samples == "error":
         first = min(bad)
-        raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row {first + 1} "
+        raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row "
+                         f"{data.data_row(rows, first)} "
                          f"({rows[first][0]}): {bad[first]}. All are in {run_dir}/"
                          "bad_samples.json: fix them or pass --bad-samples skip.")
     return np.delete(np.arange(len(rows)), sorted(bad))

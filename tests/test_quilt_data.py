@@ -83,6 +83,20 @@ def test_csv_keeps_only_the_train_split_and_counts_the_held_out_rows(quilt):
     assert data.read_csv(path) == list(every_row)  # read_csv: every row, as before
 
 
+def test_messages_name_the_csvs_own_row_when_a_split_is_filtered_out(quilt, tmp_path):
+    path, written = quilt
+    rows, _, _ = data.read_csv_table(path)
+    train = [number for number, row in enumerate(written, start=1) if row["split"] == "train"]
+    assert rows.numbers.tolist() == train  # kept row i is the CSV's data row numbers[i]
+    last = len(rows) - 1
+    paths = [*list(rows.paths)[:-1], "../outside.jpg"]
+    message = one_line(data.check_paths, paths, str(tmp_path), path, False, rows.numbers)
+    assert f"data row {train[-1]}: " in message
+    (tmp_path / rows[last][0]).unlink()  # the last train row's image goes missing
+    dataset = data.CsvDataset(rows, str(tmp_path), None, 32, 12, 0.8, 0)
+    assert dataset[(0, last)].message.startswith(f"data row {train[-1]} ({rows[last][0]}): ")
+
+
 def test_csv_without_the_split_column_keeps_every_row_and_says_so(tmp_path):
     written = [quilt_row(index, "val", 64, 36) for index in range(5)]
     path = write_quilt(tmp_path, written, ["image_path", "caption"])
