@@ -42,9 +42,12 @@ def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
         launcher = [sys.executable, "-m", "torch.distributed.run",
                     "--standalone", f"--nproc_per_node={nproc}"]
     command = [*launcher, os.path.join(REPO, "train.py"), *map(str, flags)]
+    # The machine's two cores: one process takes both, two take one each. A thread count is part
+    # of what bit-identity needs, so runs compared bit for bit use the same number of processes.
+    threads = "2" if nproc == 1 else "1"
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                             timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            env={**os.environ, "OMP_NUM_THREADS": threads, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
