@@ -210,12 +210,14 @@ def two_clusters(n, seed, separation):
     return features, labels
 
 
+def probe_on_clusters(sizes, first_seed, separation):
+    """(train, valid, test) splits of two_clusters, and linear_probe's result on them."""
+    splits = [two_clusters(n, first_seed + i, separation) for i, n in enumerate(sizes)]
+    return splits, evaluate.linear_probe(*splits, 2, refit=False, device=torch.device("cpu"))
+
+
 def test_linear_probe_separable_features_need_the_weakest_l2_and_score_perfectly():
-    train_split = two_clusters(60, 0, separation=6.0)
-    valid_split = two_clusters(20, 1, separation=6.0)
-    test_split = two_clusters(40, 2, separation=6.0)
-    result = evaluate.linear_probe(train_split, valid_split, test_split, 2, refit=False,
-                                   device=torch.device("cpu"))
+    _, result = probe_on_clusters((60, 20, 40), 0, separation=6.0)
     assert result["accuracy"] == 1.0
     assert result["weight_decay"] == min(evaluate.WEIGHT_DECAYS)
 
@@ -228,11 +230,7 @@ def test_linear_probe_on_noise_picks_the_strongest_l2_by_validation_loss():
 
 
 def test_linear_probe_picks_the_strength_with_the_lowest_validation_loss_recomputed_here():
-    train_split = two_clusters(40, 3, separation=1.0)
-    valid_split = two_clusters(40, 4, separation=1.0)
-    test_split = two_clusters(40, 5, separation=1.0)
-    result = evaluate.linear_probe(train_split, valid_split, test_split, 2, refit=False,
-                                   device=torch.device("cpu"))
+    (train_split, valid_split, _), result = probe_on_clusters((40, 40, 40), 3, separation=1.0)
     recomputed = {}
     for strength in evaluate.WEIGHT_DECAYS:
         weight, bias = evaluate.fit_logistic_regression(*train_split, 2, strength)
