@@ -182,7 +182,7 @@ def parse_args(argv=None):
         help="per process; global batch = this x world size x accum-steps")
     add("--accum-steps", type=int, default=1,
         help="micro-batches per step, with the contrastive loss over all")
-    add("--epochs", type=int, default=16, help="the demo default: about 3 minutes on 2 CPU cores")
+    add("--epochs", type=int, default=16, help="the demo default: a few minutes on 2 CPU cores")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
     add("--lr", type=float, default=5e-4,
         help="OpenCLIP's ViT default; RULE 6: stay at or above 5e-5")
