@@ -328,19 +328,22 @@ def train_step(model, micro_batches, args, autocast):
     return loss.detach()
 
 
-def optimizer_step(model, optimizer, args):
-    """After train_step: clip (if asked), step, clear the gradients, clamp the temperature."""
-    if args.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.clamp_logit_scale()
-
-
 def gradient_norm(model):
     """The L2 norm of all gradients together, left on the device (no synchronisation)."""
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
                                           if p.grad is not None])
+
+
+def optimizer_step(model, optimizer, args, norm=None):
+    """After train_step: clip (if asked), step, clear the gradients, clamp the temperature.
+    `norm`, the gradients' norm if the caller has it already, is not computed twice."""
+    if args.grad_clip_norm:
+        if norm is None:
+            norm = gradient_norm(model)
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.grad_clip_norm, norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.clamp_logit_scale()
 
 
 def next_micro_batches(batches, accum_steps, device):
@@ -694,10 +697,11 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
             loss = train_step(ddp_model, micro_batches, args, autocast)
             done = step + 1
             # A finite loss can still have a gradient that overflowed in backward: judge both.
-            if nonfinite.skip(loss, gradient_norm(model), done):
+            norm = gradient_norm(model)
+            if nonfinite.skip(loss, norm, done):
                 optimizer.zero_grad(set_to_none=True)
             else:
-                optimizer_step(model, optimizer, args)
+                optimizer_step(model, optimizer, args, norm)
             log.progress.update()
             log_now = done % args.log_every == 0 or done == total
             save_now = done % schedule.save_every == 0 or done == total
