@@ -89,8 +89,7 @@ POOL_TYPES = {"": (), "vision_cfg": ("tok", "avg"), "text_cfg": ("argmax", "firs
 
 
 def open_clip_fields(cfg, source):
-    """An OpenCLIP model config (the dict) -> the CLIPConfig fields it sets, built as OpenCLIP
-    builds them, or refused naming the key that is not built. `source` names it in errors."""
+    """An OpenCLIP model config (the dict) -> the CLIPConfig fields it sets (see model_config)."""
     fields = {}
     for section, built in OPEN_CLIP_KEYS.items():
         defaults = OPEN_CLIP_DEFAULTS[section]
@@ -137,10 +136,9 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection, named as OpenAI CLIP's
-    nn.MultiheadAttention, and initialised as it is: in_proj xavier-uniform, out_proj as an
-    nn.Linear, both biases zero. F.scaled_dot_product_attention (flash kernels on GPU), except on
-    CPU in bf16, where its backward is ~4x slower than plain matmuls: there it is written out."""
+    """Multi-head self-attention with one fused q/k/v projection, named and initialised as OpenAI
+    CLIP's nn.MultiheadAttention (in_proj xavier-uniform, out_proj an nn.Linear, zero biases).
+    On CPU in bf16, where the fused kernel's backward is ~4x slower, it is written out."""
     def __init__(self, width, heads):
         super().__init__()
         assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
