@@ -2,29 +2,40 @@
 
 What lives here: reading the CSV (QUILT-1M's layout by default) into rows that forked loader
 workers share, the train and eval transforms, the tokenizer, the sampler that fixes every global
-batch from (seed, epoch), and the DataLoader. Not here: the model, the loss or the training loop
-(train.py), and the synthetic demo dataset, which demo_data.py paints and writes
-(`python demo_data.py`; this file has no command of its own).
+batch from (seed, epoch), and the DataLoader, whose workers hand over uint8 images that
+`normalize_on_device` turns into the model's input. Not here: the model, the loss or the training
+loop (train.py), and the synthetic demo dataset (`python demo_data.py`).
 
-    python -m pytest -q tests/test_robustness.py tests/test_quilt_data.py -k "csv or path or image"
+One command, run once before training on full-size frames such as QUILT-1M's: a copy of the
+dataset whose images have a short side of 256 pixels (a 1280x720 frame becomes 455x256, 7.9x
+fewer pixels to decode in every epoch); train on the CSV it writes.
+    python data.py resize --short-side 256 quilt_1M_lookup.csv /data/quilt_256 \
+        --image-root /data/quilt_1m
+    python -m pytest -q tests/test_pipeline.py tests/test_quilt_data.py
 """
+import argparse
 import array
 import collections
 import contextlib
 import csv
 import ctypes
+import functools
 import hashlib
+import json
 import math
+import multiprocessing
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+import PIL
+from PIL import Image, features
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from plumbing import UsageError, atomic_write
+from plumbing import UsageError, atomic_write, file_sha256, run_main, write_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics OpenAI CLIP normalised with
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,8 +96,9 @@ def sample_seed(seed, epoch, index):
 
 
 def train_transform(image, image_size, rrc_scale_min, seed, rrc_ratio=RRC_RATIO):
-    """RandomResizedCrop(scale=(rrc_scale_min, 1), ratio=rrc_ratio) and CLIP's normalisation,
-    its randomness fixed by `seed`: the same seed gives the same crop in any process."""
+    """RandomResizedCrop(scale=(rrc_scale_min, 1), ratio=rrc_ratio) of a PIL image, as a uint8
+    tensor (3, image_size, image_size); its randomness fixed by `seed`: the same seed gives the
+    same crop in any process. normalize_on_device makes it the model's input."""
     # RULE 2: the crop is decided by the sample's seed alone, so --workers cannot change a result.
     with torch.random.fork_rng(devices=[]):  # torchvision's sampling, with our own seed
         # The CPU generator only: torch.manual_seed, which seeds every device, costs 20x more.
@@ -99,7 +111,31 @@ def train_transform(image, image_size, rrc_scale_min, seed, rrc_ratio=RRC_RATIO)
     with without_pils_pixel_limit():
         image = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
                                 interpolation=T.InterpolationMode.BICUBIC, antialias=True)
-    return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+    # uint8, not float32: a quarter of the bytes from the workers to the trainer and the GPU.
+    return TF.pil_to_tensor(image)
+
+
+@functools.cache
+def normalization_constants(device):
+    """255, CLIP's mean and its std as float32 tensors on `device`, the last two (3, 1, 1).
+    Made once per device: a blocking copy to a GPU would wait for all the work queued there."""
+    byte_max = torch.tensor(255.0, device=device)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+    return byte_max, mean, std
+
+
+def normalize_on_device(images, device):
+    """A uint8 batch (B, 3, H, W) from the loader -> the model's float32 input on `device`.
+
+    Bit-identical to torchvision's ToTensor and Normalize in the loader workers: the same
+    operations in the same order, `.float().div(255)` then `.sub_(mean).div_(std)`. One
+    difference would creep in on a GPU: CUDA divides by a Python number as a multiplication by
+    its reciprocal, which rounds 126 of the 256 byte values differently; dividing by a tensor on
+    the device divides exactly, as the CPU does."""
+    byte_max, mean, std = normalization_constants(device)
+    images = images.to(device, non_blocking=True)
+    return images.float().div(byte_max).sub_(mean).div_(std)
 
 
 def crop_fit_probability(width, height, scale_min, ratio=RRC_RATIO, points=4096):
@@ -351,6 +387,21 @@ def open_columns(path, columns, img_key, caption_key):
     return columns
 
 
+@contextlib.contextmanager
+def open_csv(path, separator=None, name="--train-data"):
+    """A csv.reader over the CSV/TSV file at `path`, for the block; a missing or empty file is a
+    UsageError naming it as `name`. The separator follows the extension: .tsv tab, else comma."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{name} {path}: no such file.")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{name} {path}: the file is empty.")
+    if not separator:
+        separator = "\t" if path.endswith(".tsv") else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
+        # csv.reader's lists, not DictReader's dicts: a third of the time on a million rows.
+        yield csv.reader(f, delimiter=separator)
+
+
 def read_csv_table(path, img_key="image_path", caption_key="caption", separator=None,
                    split_key="split", split_value="train", size_keys=("width", "height")):
     """(rows, sizes, split_filter): the rows to train on as Rows of (image path, caption); their
@@ -360,21 +411,13 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     QUILT-1M's CSV holds train and val rows side by side, told apart by its `split` column. With
     that column, only rows whose value is `split_value` are kept ('all' keeps every row), so the
     held-out rows are never trained on silently; without it, every row is kept."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--train-data {path}: no such file.")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"--train-data {path}: the file is empty.")
-    if not separator:
-        separator = "\t" if path.endswith(".tsv") else ","
     paths = StringColumn()
     captions = StringColumn()
     hashes = array.array("q")  # of (path, caption), to count duplicates
     sizes = array.array("i")  # width, height, width, ...: 8 bytes a row, not ~70 as ints
     numbers = array.array("i")  # of the kept rows among the CSV's data rows, from 1
     values_seen = collections.Counter()
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
-        # csv.reader's lists, not DictReader's dicts: a third of the time on a million rows.
-        reader = csv.reader(f, delimiter=separator)
+    with open_csv(path, separator) as reader:
         columns = open_columns(path, next(reader, []), img_key, caption_key)
         # A row's fields by position; the split's is the padding "" without the column.
         img_at = columns.index(img_key)
@@ -425,15 +468,20 @@ def data_row(rows, index):
     return int(numbers[index])
 
 
+def leaves_root(path):
+    """Whether an image path may point outside the folder it is relative to: absolute, or any
+    '..'. The check reads the path's text, not the file system, so a dataset folder symlinked to
+    another disk works; '..' is refused anywhere, because 'slides/../x' leaves the root when
+    slides is such a symlink."""
+    return os.path.isabs(path) or ".." in path.replace("\\", "/").split("/")
+
+
 def check_paths(paths, image_root, csv_path, allow_absolute, numbers=None):
-    """Refuse image paths that may leave --image-root (absolute, or any '..'): a CSV is data,
-    not a key. The check reads the path's text, not the file system, so a dataset folder
-    symlinked to another disk works; '..' is refused anywhere, because 'slides/../x' leaves the
-    root when slides is such a symlink."""
+    """Refuse image paths that may leave --image-root: a CSV is data, not a key."""
     if allow_absolute:
         return
     for index, path in enumerate(paths):
-        if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+        if leaves_root(path):
             number = index + 1 if numbers is None else numbers[index]
             raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point "
                              f"outside --image-root {image_root}. Fix the row, or pass "
@@ -593,3 +641,228 @@ def make_train_loader(dataset, sampler, workers, seed, pin_memory):
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=prefetch_factor,
                       collate_fn=collate_pairs, generator=generator)
+
+
+# ----------------------------------------------------------------------------- resizing, once
+
+# Fixed, so that the same source gives the same bytes (with the same Pillow and libjpeg).
+JPEG_QUALITY = 95
+JPEG_SUBSAMPLING = "4:4:4"  # no chroma subsampling: the stains' colours keep every pixel
+
+
+def resized_name(path):
+    """Where the copy of the image at `path` goes, relative to OUT_DIR: images/PATH, with '.jpg'
+    added unless PATH ends in .jpg or .jpeg (so that x.png and x.jpg never share a copy)."""
+    if not path.lower().endswith((".jpg", ".jpeg")):
+        path += ".jpg"
+    return "images/" + path
+
+
+def resize_image(source, target, short_side, max_pixels):
+    """Write the image at `source` to `target` as a JPEG whose shorter side is `short_side`
+    (never enlarged; the aspect kept), unless `target` is there already; return its size.
+
+    A file under its final name is whole: atomic_write renames it there when complete."""
+    if os.path.exists(target):
+        with Image.open(target) as done:
+            return done.size
+    try:
+        image = load_rgb(source, max_pixels)
+    except (OSError, SyntaxError, ValueError) as e:  # missing, cut short, not an image, too big
+        raise BadSampleError(f"unreadable image: {e}") from None
+    scale = min(1.0, short_side / min(image.size))
+    size = (round(image.width * scale), round(image.height * scale))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    save = functools.partial(image.save, format="JPEG", quality=JPEG_QUALITY,
+                             subsampling=JPEG_SUBSAMPLING)
+    atomic_write(target, save)
+    return size
+
+
+class RowResizer(NamedTuple):
+    """A pool worker's task: resize the image of one data row, and point the row at the copy.
+    A NamedTuple, so that it pickles and travels with each chunk of rows."""
+    source_csv: str
+    image_root: str
+    out_dir: str
+    short_side: int
+    max_pixels: int
+    img_at: int    # the position of the image path among a row's fields
+    size_at: list  # the positions of width and height, if the CSV has both columns
+
+    def __call__(self, job):
+        """(number, fields) -> (number, fields of the copy, None or what is wrong)."""
+        number, fields = job
+        path = fields[self.img_at]
+        if leaves_root(path):
+            raise UsageError(f"{self.source_csv}: data row {number}: image path {path!r} is "
+                             "absolute or has '..', so its copy has no place under OUT_DIR/"
+                             "images. Make the row's path relative to --image-root.")
+        fields[self.img_at] = resized_name(path)
+        source = os.path.join(self.image_root, path)
+        target = os.path.join(self.out_dir, fields[self.img_at])
+        try:
+            size = resize_image(source, target, self.short_side, self.max_pixels)
+        except BadSampleError as e:
+            return number, fields, f"data row {number} ({path}): {e}"
+        for position, pixels in zip(self.size_at, size):
+            fields[position] = str(pixels)
+        return number, fields, None
+
+
+def check_out_dir(out_dir, image_root, csv_folder):
+    """Refuse an OUT_DIR that is, holds or lies in a folder of the source: its copies could
+    overwrite the originals, or mix with them."""
+    out = os.path.realpath(out_dir)
+    for name, folder in (("SRC_CSV's folder", csv_folder), ("--image-root", image_root)):
+        folder = os.path.realpath(folder)
+        if os.path.commonpath([out, folder]) in (out, folder):
+            raise UsageError(f"OUT_DIR {out_dir} overlaps {name} {folder}, so the copies could "
+                             "overwrite the source. Pass an OUT_DIR outside it.")
+
+
+def start_or_resume(out_dir, settings):
+    """Start OUT_DIR with resize.json recording `settings`, or resume the resize it holds if that
+    had the same settings (after deleting the temporary files a killed run left)."""
+    record_path = os.path.join(out_dir, "resize.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        differences = [f"{key} {record.get(key)!r} there, {value!r} here"
+                       for key, value in settings.items() if record.get(key) != value]
+        if differences:
+            raise UsageError(f"OUT_DIR {out_dir} holds another resize: {'; '.join(differences)}. "
+                             "Pass a new OUT_DIR, or delete that one.")
+        for folder, _, names in os.walk(out_dir):
+            for name in names:
+                if name.rpartition(".tmp")[2].isdigit():  # atomic_write's NAME.tmp<pid>
+                    os.remove(os.path.join(folder, name))
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UsageError(f"OUT_DIR {out_dir} is not empty and holds no resize.json. Pass a new "
+                         "or empty folder.")
+    else:
+        write_json(record_path, settings)
+
+
+def resize_settings(args, image_root):
+    """What decides the copies' bytes, and where they come from: OUT_DIR/resize.json."""
+    return {"source_csv": os.path.abspath(args.source_csv),
+            "source_sha256": file_sha256(args.source_csv),
+            "image_root": os.path.abspath(image_root),
+            "short_side": args.short_side,
+            "filter": "bicubic, reducing_gap=None",  # resize_image's: one pass of BICUBIC
+            "jpeg_quality": JPEG_QUALITY,
+            "jpeg_subsampling": JPEG_SUBSAMPLING,
+            "pillow": PIL.__version__,
+            "libjpeg": features.version("jpg"),
+            "libjpeg_turbo": features.version("libjpeg_turbo")}  # None: another libjpeg
+
+
+def resize_record(csv_path):
+    """The resize.json that `python data.py resize` wrote next to `csv_path`, or None: how the
+    images were made, and from what, for the manifest."""
+    path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "resize.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def numbered_rows(reader, width):
+    """(number, fields) of the CSV's data rows, numbered from 1 as messages name them: blank
+    lines skipped and short rows padded with blank fields, as read_csv_table reads them."""
+    number = 0
+    for fields in reader:
+        if fields:
+            number += 1
+            yield number, fields + [""] * (width - len(fields))
+
+
+def resize_dataset(args):
+    """`python data.py resize`: OUT_DIR/images/ gets a copy of every row's image whose shorter
+    side is --short-side pixels, and OUT_DIR/<SRC_CSV's name> the source's columns and rows,
+    the same but for the image path (images/PATH, '.jpg' added unless PATH is a .jpg or .jpeg)
+    and, where the CSV has them, the width and height.
+
+    Deterministic: fixed filter and JPEG settings, so the same source gives the same bytes
+    whatever --workers. Resumable: every file is written under a temporary name and renamed, so
+    a rerun after a kill skips the copies that are there. OUT_DIR/resize.json records the
+    settings, and a rerun with others is refused. An unreadable image stops the run, naming its
+    data row; with --skip-bad its row is kept, pointing at no image, and counted in resize.json
+    (train.py's --bad-samples skip leaves such rows out)."""
+    for flag, value in (("--short-side", args.short_side), ("--workers", args.workers)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: pass a number of at least 1.")
+    source = args.source_csv
+    csv_folder = os.path.dirname(os.path.abspath(source))
+    image_root = args.image_root or csv_folder
+    check_out_dir(args.out_dir, image_root, csv_folder)
+    tally = {"rows": 0, "bad_rows": 0}
+    with open_csv(source, args.csv_separator, "SRC_CSV") as reader:
+        columns = open_columns(source, next(reader, []), args.csv_img_key, args.csv_caption_key)
+        settings = resize_settings(args, image_root)
+        start_or_resume(args.out_dir, settings)
+        has_sizes = "width" in columns and "height" in columns
+        size_at = [columns.index(key) for key in ("width", "height") if has_sizes]
+        resizer = RowResizer(source, image_root, args.out_dir, args.short_side,
+                             args.max_image_pixels, columns.index(args.csv_img_key), size_at)
+
+        def write_rows(tmp):  # the rows stream from the reader, through the workers, to tmp
+            with (open(tmp, "w", newline="", encoding="utf-8") as out,
+                  multiprocessing.Pool(args.workers) as pool):
+                writer = csv.writer(out, delimiter=reader.dialect.delimiter, lineterminator="\n")
+                writer.writerow(columns)
+                jobs = numbered_rows(reader, len(columns))
+                # imap, not imap_unordered: the rows come back in the CSV's order.
+                for number, fields, problem in pool.imap(resizer, jobs, chunksize=16):
+                    if problem and not args.skip_bad:
+                        raise UsageError(f"{source}: {problem}. Fix or remove the row, or pass "
+                                         "--skip-bad to keep it, pointing at no image.")
+                    if problem:
+                        print(f"warning: {source}: {problem}; kept, pointing at no image")
+                        tally["bad_rows"] += 1
+                    writer.writerow(fields)
+                    tally["rows"] = number
+                    if number % 10_000 == 0:
+                        print(f"{number:,} rows", flush=True)
+
+        out_csv = os.path.join(args.out_dir, os.path.basename(source))
+        atomic_write(out_csv, write_rows)
+    write_json(os.path.join(args.out_dir, "resize.json"), {**settings, **tally})
+    print(f"{out_csv}: {tally['rows']:,} rows ({tally['bad_rows']:,} bad), their images in "
+          f"{os.path.join(args.out_dir, 'images')}. Train with --train-data {out_csv}.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Tools for the training data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    resize = commands.add_parser(
+        "resize", help="copy a dataset with every image's shorter side --short-side pixels")
+    add = resize.add_argument
+    add("source_csv", metavar="SRC_CSV", help="the dataset's CSV/TSV of image paths and captions")
+    add("out_dir", metavar="OUT_DIR",
+        help="a new folder, outside the source's: OUT_DIR/<SRC_CSV's name>, OUT_DIR/images/")
+    add("--short-side", type=int, default=256,
+        help="the copies' shorter side in pixels; smaller images keep their size")
+    add("--image-root",
+        help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    add("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
+    add("--csv-caption-key", default="caption", help="caption column")
+    add("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    add("--workers", type=int, default=os.cpu_count() or 1,
+        help="processes resizing images (default: one per core; the bytes do not depend on it)")
+    add("--max-image-pixels", type=int, default=89_478_485,
+        help="refuse larger images (decompression bombs)")
+    add("--skip-bad", action="store_true",
+        help="keep a row whose image cannot be read, pointing at no image, instead of stopping")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resize_dataset(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -347,13 +347,17 @@ def optimizer_step(model, optimizer, args, norm=None):
 
 
 def next_micro_batches(batches, accum_steps, device):
-    """The next global batch's micro-batches on `device`; a bad sample stops the run."""
+    """The next global batch's micro-batches on `device`; a bad sample stops the run. Images
+    cross from the loader workers as uint8 and are normalised here, on the device."""
     micro_batches = []
     for _ in range(accum_steps):
         batch = next(batches)
         if isinstance(batch, data.BadSample):
             raise UsageError(batch.message)
-        micro_batches.append([t.to(device, non_blocking=True) for t in batch])
+        images, tokens = batch
+        images = data.normalize_on_device(images, device)  # (B, 3, H, W) uint8 -> float32
+        tokens = tokens.to(device, non_blocking=True)
+        micro_batches.append([images, tokens])
     return micro_batches
 
 
@@ -651,7 +655,8 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                        "bad_rows": len(train_data.rows) - len(train_data.samples),
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
-                       "sha256": train_data.sha256},
+                       "sha256": train_data.sha256,
+                       "resized": data.resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
         "determinism": {"deterministic": args.deterministic,
