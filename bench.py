@@ -14,12 +14,16 @@ What the checks against bad input cost the happy path:
     python bench.py --checks
 What QUILT-1M's table costs in memory, in the trainer and in its forked loader workers:
     python bench.py --table-rows 200000 --workers 4
+How many cores per GPU decoding and cropping QUILT-1M's frames takes, with and without
+--jpeg-draft, and what a pre-resize to short side 256 saves:
+    python bench.py --input-pipeline
 A quick look on a laptop:
     python bench.py --steps 5 --warmup 2 --batch-size 32
 """
 import argparse
 import csv
 import itertools
+import math
 import multiprocessing
 import os
 import platform
@@ -192,7 +196,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", default="tiny", help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
     for flag, field in OVERRIDES.items():
-        a(flag, type=int, default=None, help=f"override the model's {field}")
+        a(flag, type=int, default=None, dest=field, help=f"override the model's {field}")
     a("--batch-size", type=int, default=64,
       help="per step, as train.py's --batch-size on one process")
     a("--steps", type=int, default=20,
@@ -221,6 +225,13 @@ def parse_args(argv=None):
     a("--table-rows", type=int, default=None,
       help="instead: read a QUILT-shaped CSV of this many rows (QUILT-1M: 1,017,712); print "
            "its read time, its memory and what an epoch of --workers adds")
+    a("--input-pipeline", action="store_true",
+      help="instead: images/s per core of train.py's input path (one thread) on QUILT-like "
+           "1080p, 720p and pre-resized JPEGs, and the cores per GPU a training rate needs")
+    a("--frames", type=int, default=32, help="--input-pipeline: JPEGs per frame size")
+    a("--gpu-samples-per-s", type=float, default=4291,
+      help="--input-pipeline: the training rate to feed (default: ViT-B-32, bf16, "
+           "--no-deterministic, on one H100, as measured in issue 18)")
     args = p.parse_args(argv)
     at_least_one = min(args.batch_size, args.steps, args.threads, args.world_size)
     if at_least_one < 1 or min(args.warmup, args.workers) < 0:
@@ -228,16 +239,17 @@ def parse_args(argv=None):
                          "--warmup and --workers at least 0.")
     if args.table_rows is not None and args.table_rows < 1:
         raise UsageError("--table-rows must be at least 1.")
+    if args.frames < 1 or not 0 < args.gpu_samples_per_s < math.inf:
+        raise UsageError("--frames must be at least 1, --gpu-samples-per-s a positive number.")
     return args
 
 
 def bench_config(args):
     """--model, then the size flags on top of it."""
     overrides = {}
-    for flag, field in OVERRIDES.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[field] = value
+    for field in OVERRIDES.values():
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
     return replace(model_config(args.model), **overrides)
 
 
@@ -293,11 +305,13 @@ def data_pipeline_rate(loader, batch_size, workers, steps):
 WORDS = ("tissue", "nuclei", "stroma", "gland", "mitotic", "figure", "carcinoma", "benign",
          "lymphocytes", "necrosis", "eosinophilic", "cytoplasm", "at", "high", "power", "we",
          "see", "the", "a", "of", "with", "and", "this", "is", "pleomorphic", "infiltrating")
+QUILT_FRAME_SIZES = [(640, 360), (1280, 720), (1920, 1080)]  # (width, height) of video frames
 
 
-def write_quilt_shaped_csv(path, rows, seed=0):
+def write_quilt_shaped_csv(path, rows, seed=0, frame_sizes=QUILT_FRAME_SIZES):
     """A CSV of QUILT-1M's 13 columns and `rows` rows: captions of 8 to 60 words, video-frame
-    paths and sizes, 90% train and 10% val. A second or two per 100,000 rows."""
+    paths, sizes taken in turn from `frame_sizes`, 90% train and 10% val. A second or two per
+    100,000 rows."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(8, 61, rows)  # words per caption
     picked = rng.integers(0, len(WORDS), lengths.sum())
@@ -306,7 +320,6 @@ def write_quilt_shaped_csv(path, rows, seed=0):
     word_ends = np.cumsum(np.array([len(word) + 1 for word in WORDS])[picked])
     caption_ends = word_ends[np.cumsum(lengths) - 1].tolist()
     caption_starts = [0] + caption_ends[:-1]
-    frame_sizes = [(640, 360), (1280, 720), (1920, 1080)]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(data.QUILT_COLUMNS)
@@ -396,14 +409,8 @@ def loader_epoch_memory(rows, workers, batch_size=64):
 
 
 def table_memory(rows_wanted, workers):
-    """--table-rows: what QUILT-1M's input costs, in the trainer and in its forked workers.
-
-    Writes a QUILT-shaped CSV (QUILT-1M is 1,017,712 rows of 13 columns) of `rows_wanted` rows,
-    reads it as train.py does, and forks workers that touch every row, as an epoch does. Prints
-    the read time, the table's bytes per million rows, the largest growth of one worker's
-    proportional set size (PSS: shared pages count 1/n to each of their n sharers; a table that
-    each worker copied would show up there), and the peak PSS of an epoch of train.py's sampler
-    and DataLoader."""
+    """--table-rows: what QUILT-1M's table costs in the trainer, and in forked workers that
+    touch every row as an epoch does (PSS: a table each worker copied would show up there)."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "quilt_shaped.csv")
         started = time.perf_counter()
@@ -438,10 +445,138 @@ def table_memory(rows_wanted, workers):
           f"{peak_rss_mib():.1f} MiB; UTF-8 paths + captions {text_bytes} bytes")
 
 
+# ----------------------------------------------------------------------------- the input pipeline
+
+# --input-pipeline's frames: QUILT-1M's 1080p and 720p video frames, and what
+# `python data.py resize --short-side 256` leaves of a 16:9 frame.
+PRE_RESIZED = (455, 256)
+PIPELINE_FRAMES = [(1920, 1080), (1280, 720), PRE_RESIZED]
+
+
+def paint_frame(rng, tiles, zoom=3):
+    """A QUILT-like 1920x1080 H&E frame: a mosaic of demo-painter tiles, each enlarged `zoom`
+    times. Texture matters: a flat frame would decode unrealistically fast."""
+    field = zoom * demo_data.TILE
+    picks = rng.integers(0, len(tiles), (math.ceil(1080 / field), math.ceil(1920 / field)))
+    # (rows * TILE, columns * TILE, 3): each row of tiles side by side, the rows stacked.
+    mosaic = np.concatenate([np.concatenate([tiles[i] for i in row], axis=1) for row in picks])
+    enlarged_size = (zoom * mosaic.shape[1], zoom * mosaic.shape[0])
+    enlarged = Image.fromarray(mosaic).resize(enlarged_size, Image.BICUBIC)
+    return enlarged.crop((0, 0, 1920, 1080))
+
+
+def write_frames(folder, rows, sizes, seed):
+    """A JPEG for each row, of the row's size: a painted frame resized (quality 90), or, for
+    PRE_RESIZED, what data.py's resize writes of a 1080p one. {size: the rows' indices}."""
+    rng = np.random.default_rng(seed)
+    tiles = [demo_data.render_tile(rng, label) for label in demo_data.DEMO_CLASSES]
+    frames = {}
+    for index, size in enumerate(map(tuple, sizes.tolist())):
+        frames.setdefault(size, []).append(index)
+        path = os.path.join(folder, rows[index][0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        frame = paint_frame(rng, tiles)
+        if size == PRE_RESIZED:
+            frame.save(os.path.join(folder, "full_size.jpg"), quality=90)
+            data.resize_image(os.path.join(folder, "full_size.jpg"), path, size[1], math.inf)
+        else:
+            frame.resize(size, Image.BICUBIC).save(path, quality=90)
+    return frames
+
+
+def pipeline_datasets(rows, image_root):
+    """train.py's CsvDataset with full decode and with --jpeg-draft: train.py's defaults,
+    ViT-B-32's 224 px crops and 77 tokens, a tokenizer trained on the captions."""
+    train_args = train.parse_args([])
+    cfg = model_config("ViT-B-32")
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        data.train_tokenizer([caption for _, caption in rows], tokenizer_dir, 1000)
+        tokenizer = data.load_tokenizer(tokenizer_dir)
+    datasets = {}
+    for decode, jpeg_draft in (("full", False), ("--jpeg-draft", True)):
+        datasets[decode] = data.CsvDataset(
+            rows, image_root, tokenizer, cfg.image_size, cfg.context_length,
+            train_args.rrc_scale, train_args.seed, train_args.max_image_pixels, jpeg_draft,
+            train_args.rrc_ratio)
+    return datasets
+
+
+def seconds_per_image(datasets, frames, rounds=3):
+    """{(frame size, decode): CPU seconds per dataset[(0, index)] over that size's frames}, the
+    best of `rounds` passes. CPU time, not the wall clock: an image's cost in core-seconds,
+    which is what cores per GPU need, and less disturbed by other work on a shared machine."""
+    best = {}
+    for _ in range(rounds):  # interleaved, so that a slow moment of a shared machine hits all
+        for size, indices in frames.items():
+            for decode, dataset in datasets.items():
+                started = time.process_time()
+                for index in indices:
+                    dataset[(0, index)]
+                seconds = (time.process_time() - started) / len(indices)
+                best[size, decode] = min(best.get((size, decode), math.inf), seconds)
+    return best
+
+
+def print_pipeline_table(seconds, kib, gpu_samples_per_s):
+    """Images/s per core and the cores per GPU for each frame size and decode; the speed-ups."""
+    print(f"| frames | JPEG KiB | decode | ms per image | images/s per core "
+          f"| cores per GPU at {gpu_samples_per_s:g} samples/s |")
+    print("|---|---|---|---|---|---|")
+    for (width, height), decode in seconds:
+        per_core = 1 / seconds[(width, height), decode]
+        print(f"| {width}x{height} | {kib[width, height]:.0f} | {decode} | {1e3 / per_core:.1f} "
+              f"| {per_core:.1f} | {gpu_samples_per_s / per_core:.1f} |")
+    print(f"{gpu_samples_per_s:g} samples/s is given (--gpu-samples-per-s), not measured here; "
+          "the default: ViT-B-32, bf16, --no-deterministic, one H100, as measured in issue 18")
+    for width, height in PIPELINE_FRAMES[:-1]:
+        full = seconds[(width, height), "full"] / seconds[PRE_RESIZED, "full"]
+        draft = seconds[(width, height), "--jpeg-draft"] / seconds[PRE_RESIZED, "--jpeg-draft"]
+        print(f"pre-resized {PRE_RESIZED[0]}x{PRE_RESIZED[1]} over {width}x{height}: {full:.1f}x "
+              f"the images/s with full decode, {draft:.1f}x with --jpeg-draft on both")
+
+
+def print_bytes_in_flight(batch_size=256, workers=8, prefetch=4):
+    """Arithmetic: a batch of 224 px images as float32 and as uint8, and the workers x prefetch
+    batches a DataLoader holds (train.py --workers 8; data.make_train_loader's prefetch 4)."""
+    for dtype in ("float32", "uint8"):
+        batch = batch_size * 3 * 224 * 224 * getattr(torch, dtype).itemsize
+        in_flight = batch * workers * prefetch
+        print(f"worker boundary (arithmetic, not measured): a batch of {batch_size} x 3 x 224 "
+              f"x 224 {dtype} is {batch / 2**20:.1f} MiB; {workers} workers x prefetch "
+              f"{prefetch} hold {in_flight / 2**30:.2f} GiB")
+
+
+def input_pipeline(count, gpu_samples_per_s, seed):
+    """--input-pipeline: images/s per core of train.py's input path on QUILT-like frames, and
+    the cores per GPU that a training rate needs."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = os.path.join(folder, "frames.csv")
+        write_quilt_shaped_csv(csv_path, count * len(PIPELINE_FRAMES), seed, PIPELINE_FRAMES)
+        rows, sizes, _ = data.read_csv_table(csv_path, split_value="all")
+        frames = write_frames(folder, rows, sizes, seed)
+        kib = {}
+        for size, indices in frames.items():
+            paths = [os.path.join(folder, rows[index][0]) for index in indices]
+            kib[size] = statistics.mean(map(os.path.getsize, paths)) / 1024
+        datasets = pipeline_datasets(rows, folder)
+        sample = datasets["full"][(0, 0)]
+        if isinstance(sample, data.BadSample):
+            raise UsageError(f"--input-pipeline: a frame it wrote fails: {sample.message}")
+        seconds = seconds_per_image(datasets, frames)
+    image = sample[0]  # (3, 224, 224): uint8, or float32 where the workers normalise
+    print(f"input pipeline: data.CsvDataset[(epoch, index)] = decode, RandomResizedCrop to "
+          f"{image.shape[-1]} px, {image.dtype} tensor, tokenise; one process, one thread; "
+          f"{count} QUILT-like frames per size, CPU time, the best of 3 passes")
+    print_pipeline_table(seconds, kib, gpu_samples_per_s)
+    print_bytes_in_flight()
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 def checks_overhead():
     """What data.py's robustness checks cost the happy path: per image, per CSV row at start-up."""
+    torch.set_num_threads(1)
     csv_path = demo_data.ensure_demo_data()
     root = os.path.dirname(csv_path)
     rows = data.read_csv(csv_path)[:600]
@@ -468,6 +603,14 @@ def checks_overhead():
           f"(QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
 
 
+def compile_failure(error):
+    """The one-line UsageError for a torch.compile that failed in the warm-up steps."""
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    return UsageError(f"--compile: torch.compile failed ({type(error).__name__}: {reason}). "
+                      "Run without --compile, or fix the cause (on the CPU, Inductor needs a "
+                      "C++ compiler).")
+
+
 def print_setup(args, cfg, device, freed_memory_kept):
     """Everything that decides the figures, and the loss's memory at --world-size."""
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, "
@@ -489,10 +632,11 @@ def print_setup(args, cfg, device, freed_memory_kept):
 def main(argv=None):
     args = parse_args(argv)
     if args.checks:
-        torch.set_num_threads(1)
         return checks_overhead()
     if args.table_rows:
         return table_memory(args.table_rows, args.workers)
+    if args.input_pipeline:
+        return input_pipeline(args.frames, args.gpu_samples_per_s, args.seed)
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -528,10 +672,7 @@ def main(argv=None):
     except Exception as e:
         if not args.compile:
             raise
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UsageError(f"--compile: torch.compile failed ({type(e).__name__}: {reason}). "
-                         "Run without --compile, or fix the cause (on the CPU, Inductor needs a "
-                         "C++ compiler).")
+        raise compile_failure(e)
 
     # --- 2. the data pipeline alone, then training on it
     loader = demo_loaders(cfg, train_args, device)

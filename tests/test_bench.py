@@ -187,3 +187,30 @@ def test_jpeg_draft_decodes_large_jpegs_smaller_but_never_below_the_smallest_cro
     reference = np.asarray(full.resize(draft.size, Image.BOX), dtype=np.float32)
     assert np.abs(np.asarray(draft, dtype=np.float32) - reference).mean() < 3
     assert data.load_rgb(tmp_path / "big.png", draft_size=draft_size).size == (1600, 1200)
+
+
+def test_input_pipeline_prints_images_per_core_and_cores_per_gpu_for_each_frame_size(capsys):
+    threads = torch.get_num_threads()
+    try:  # in this process, to spare the imports; the mode takes one thread, given back after
+        bench.main(["--input-pipeline", "--frames", "2", "--gpu-samples-per-s", "1000"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.strip("|").split("|") for line in lines if re.match(r"^\| \d+x\d+ \|", line)]
+    cells = {(row[0].strip(), row[2].strip()): row for row in rows}
+    sizes = ["1920x1080", "1280x720", "455x256"]
+    assert sorted(cells) == sorted((size, decode) for size in sizes
+                                   for decode in ("full", "--jpeg-draft")), lines
+    for row in rows:
+        kib, ms, per_core, cores = (float(row[i]) for i in (1, 3, 4, 5))
+        assert all(0 < value < math.inf for value in (kib, ms, per_core, cores)), row
+        # Each figure is derived from the one before it, up to the printed rounding.
+        assert within(per_core, 1e3 / (ms + 0.05), 1e3 / (ms - 0.05)), row
+        assert within(cores, 1000 / (per_core + 0.05), 1000 / (per_core - 0.05)), row
+    assert the_line(lines, r"^1000 samples/s is given \(--gpu-samples-per-s\), not measured")
+    for size in sizes[:2]:
+        found = the_line(lines, rf"^pre-resized 455x256 over {size}: {NUMBER}x .* {NUMBER}x")
+        assert all(0 < float(value) < math.inf for value in found.groups()), found.string
+    # The worker boundary is arithmetic: 256 x 3 x 224 x 224 bytes, x 4 as float32.
+    assert the_line(lines, r"float32 is 147.0 MiB; 8 workers x prefetch 4 hold 4.59 GiB$")
+    assert the_line(lines, r"uint8 is 36.8 MiB; 8 workers x prefetch 4 hold 1.15 GiB$")
