@@ -1,17 +1,15 @@
 """Evaluate CLIP checkpoints on PatchCamelyon, LC25000-Lung and LC25000-Colon, zero-shot and by
-linear probe; summarise a multi-seed study as mean ± std over seeds per training configuration,
-and say which differences between configurations one setting apart exceed the seeds' noise. It
-trains nothing; images are read from disk (demo_data.py), the demo's held-out sets by default.
+linear probe, and summarise a multi-seed study: mean ± std over seeds per configuration, and
+which differences one setting apart exceed the seeds' noise. It trains nothing.
 
     python evaluate.py --checkpoint runs/RUN/checkpoints/latest.pt
     python evaluate.py --checkpoint CKPT --dataset lc25000_colon=/data/lung_colon_image_set \
         --dataset pcam=/data/pcam
     python evaluate.py --runs runs/seed0 runs/seed1 runs/seed2 --figure results.png
 
-Zero-shot and the probe score the same test images: PCam's official test split; for LC25000 and
-image folders (no official split) a seeded, stratified half of each class. The probe's L2 strength
-is chosen on PCam's valid split, or on a seeded, stratified slice of the training part
-(VALID_FRACTION of each class); the seed and the per-class counts go into the results.
+Zero-shot and the probe score the same test images: PCam's official test split, else a seeded,
+stratified half of each class. The probe's L2 strength is chosen on PCam's valid split, else on a
+seeded, stratified slice of the training part; the seed and per-class counts go into the results.
 """
 import argparse
 import hashlib
@@ -22,7 +20,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
@@ -112,7 +109,6 @@ def benchmark_splits(task, root, folders, split="test", seed=0, transform=None):
     return parts, record
 
 
-
 @torch.no_grad()
 def encode_images(model, dataset, device, batch_size=256, workers=2):
     """L2-normalised image features (N, D) and labels (N,), in the dataset's order."""
@@ -128,11 +124,6 @@ def encode_images(model, dataset, device, batch_size=256, workers=2):
         features.append(F.normalize(batch.float(), dim=-1).cpu())
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)
-
-
-def write_json(path, obj):
-    plumbing.write_json(path, obj)
-    print(f"wrote {path}")
 
 
 def read_json(path, flag):
@@ -210,15 +201,14 @@ def demo_zero_shot(model, tokenizer, device):
 
 # ----------------------------------------------------------------------------- linear probe
 
-def fit_logistic_regression(features, labels, num_classes, weight_decay, max_iter=300):
+def fit_logistic_regression(features, labels, num_classes, weight_decay):
     """Multinomial logistic regression minimising mean cross-entropy + weight_decay / 2 x |W|^2
-    (the bias is free), by full-batch L-BFGS from zero in float64: no sampling and no random
-    start, so it is deterministic."""
+    (bias free) by full-batch L-BFGS from zero in float64: no sampling, no random start."""
     x = features.double()                                                  # (N, D)
     weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, device=x.device,
                          requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, history_size=20,
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12,
                                   line_search_fn="strong_wolfe")
 
@@ -234,10 +224,9 @@ def fit_logistic_regression(features, labels, num_classes, weight_decay, max_ite
 
 
 def linear_probe(train, valid, test, num_classes, refit, device):
-    """Choose the L2 strength by validation cross-entropy (on a few hundred images, accuracy ties
-    between strengths; the cross-entropy almost never does), then score the test split. train,
-    valid, test: (features, labels). With refit the final probe also learns from `valid`, which
-    was only borrowed from the training split."""
+    """Choose the L2 strength by validation cross-entropy (on a few hundred images accuracy ties
+    between strengths, cross-entropy almost never), then score `test`; each split is (features,
+    labels). With refit the final probe also learns from `valid`, borrowed from training."""
     def fit(split, weight_decay):
         features, labels = split
         return fit_logistic_regression(features.to(device), labels.to(device), num_classes,
@@ -307,8 +296,6 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     return result
 
 
-
-
 # ----------------------------------------------------------------------------- the multi-seed study
 
 def group_runs(runs):
@@ -375,29 +362,23 @@ def study(groups, results):
     return configurations
 
 
-def seeds_needed(difference, std, alpha=ALPHA, power=POWER):
-    """Seeds per configuration for a two-sided two-sample t-test at `alpha` to detect
-    `difference` with probability `power` when runs scatter with standard deviation `std`; None
-    past MAX_SEEDS."""
+def seeds_needed(difference, std):
+    """Seeds per configuration for a two-sided two-sample t-test at ALPHA to detect `difference`
+    with probability POWER when runs scatter with standard deviation `std`; None past MAX_SEEDS.
+    The power is Student's exact one (noncentral t): d = 0.5 needs 64, d = 0.8 26 (Cohen)."""
     if std == 0:  # no noise at all: two seeds a side show any difference
         return 2 if difference else None
+    from scipy import stats  # here, not at the top: every train.py start would pay ~1 s for it
     effect = abs(difference) / std  # Cohen's d
-    # Start from the normal approximation n = 2 (z_{1-alpha/2} + z_power)^2 / d^2, a lower bound,
-    # and step up until the exact power of Student's t-test (noncentral t, 2n - 2 degrees of
-    # freedom) is reached: d = 0.5 needs 64 seeds, d = 0.8 needs 26, as in Cohen's tables.
-    z = scipy.stats.norm.ppf
-    normal = 2 * (z(1 - alpha / 2) + z(power)) ** 2
-    if normal > MAX_SEEDS * effect ** 2:
+    n = np.arange(2, MAX_SEEDS + 1)  # every study size at once
+    df = 2 * n - 2
+    critical = stats.t.ppf(1 - ALPHA / 2, df)
+    shift = effect * np.sqrt(n / 2)
+    power = stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift)
+    enough = n[power >= POWER]
+    if len(enough) == 0:
         return None
-    n = max(2, math.ceil(normal / effect ** 2))
-    while True:
-        df = 2 * n - 2
-        critical = scipy.stats.t.ppf(1 - alpha / 2, df)
-        shift = effect * math.sqrt(n / 2)
-        beyond = scipy.stats.nct.sf(critical, df, shift) + scipy.stats.nct.cdf(-critical, df, shift)
-        if beyond >= power:
-            return n
-        n += 1
+    return int(enough[0])
 
 
 def compare(a, b):
@@ -414,9 +395,10 @@ def compare(a, b):
     var_b = b.var(ddof=1) / len(b)
     interval = [difference, difference]  # no spread at all: no noise to exceed
     if var_a + var_b > 0:
+        from scipy import stats  # as in seeds_needed
         # Welch's t: the two spreads may differ; Welch-Satterthwaite's degrees of freedom.
         df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
-        half = scipy.stats.t.ppf((1 + CONFIDENCE) / 2, df) * math.sqrt(var_a + var_b)
+        half = stats.t.ppf((1 + CONFIDENCE) / 2, df) * math.sqrt(var_a + var_b)
         interval = [difference - float(half), difference + float(half)]
     squares = (len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)
     pooled_std = math.sqrt(squares / (len(a) + len(b) - 2))
@@ -559,19 +541,16 @@ def parse_args(argv=None):
     a("--classnames", action="append", default=[], type=key_value, metavar="TASK=FILE.json",
       help="an image folder's subfolder -> class name, "
            'e.g. {"tum": "tumor", "norm": "normal tissue"}')
-    a("--tokenizer", default=None,
-      help="tokenizer folder (default: RUN/tokenizer next to the checkpoints)")
-    a("--activation", choices=["quick_gelu", "gelu"], default=None,
+    a("--tokenizer", help="tokenizer folder (default: RUN/tokenizer next to the checkpoints)")
+    a("--activation", choices=["quick_gelu", "gelu"],
       help="the checkpoint's activation (default: its config's; none there: QuickGELU, noted)")
     a("--split", choices=["test", "valid"], default="test",
       help="the PatchCamelyon split to score (default: test)")
     a("--split-seed", type=int, default=0,
       help="seed of the stratified splits carved where none is official (default: 0)")
-    a("--output", default=None,
-      help="JSON (default: CHECKPOINT.eval.json; results.json with --runs)")
-    a("--figure", default=None, metavar="PNG",
-      help="draw the scores of every configuration and seed into this file")
-    a("--cache-dir", default=None, help="image features cache (default: RUN/eval_cache)")
+    a("--output", help="JSON (default: CHECKPOINT.eval.json; results.json with --runs)")
+    a("--figure", metavar="PNG", help="draw every configuration's and seed's scores here")
+    a("--cache-dir", help="image features cache (default: RUN/eval_cache)")
     a("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1),
       help="data-loader processes (default: up to 8)")
@@ -615,7 +594,8 @@ def evaluate_or_reuse(run, checkpoint, request, datasets, tasks, args):
         return stored
     result = evaluate_checkpoint(checkpoint, request, datasets, tasks, args)
     output = stored_path if args.runs else args.output or stored_path
-    write_json(output, result)
+    plumbing.write_json(output, result)
+    print(f"wrote {output}")
     return result
 
 
@@ -650,11 +630,13 @@ def main(argv=None):
     if args.runs:
         record = {task: {"path": os.path.abspath(root), "fingerprints": fingerprints[task]}
                   for task, root in datasets.items()}
-        write_json(args.output or "results.json", {
+        output = args.output or "results.json"
+        plumbing.write_json(output, {
             "std": "sample standard deviation over seeds (ddof=1)", "headline_metric": HEADLINE,
             "not_configuration": sorted(NOT_CONFIGURATION), "protocol": protocol,
             "datasets": record, "configurations": configurations, "comparisons": found,
             "runs": results})
+        print(f"wrote {output}")
     if args.figure:
         draw_figure(configurations, found, args.figure)
     return results
