@@ -4,7 +4,7 @@ Runs train.py's own step (train_step, make_optimizer, AdamW) on synthetic tensor
 device, then on the real pipeline (the demo dataset through CsvDataset, GlobalBatchSampler and
 make_train_loader), and times the data pipeline alone. It trains nothing worth keeping.
 
-The issue's reference configuration (64 px, patch 8, 4+4 layers of width 256, context 32,
+The widened tiny model of docs/performance.md (64 px, patch 8, 4+4 layers of width 256, context 32,
 OpenCLIP's vocabulary of 49408, batch 64, fp32):
     python bench.py --model tiny --width 256 --text-width 256 --vocab-size 49408 --batch-size 64
 A published size in bf16, compiled, with the fast non-deterministic kernels:
@@ -231,7 +231,7 @@ def parse_args(argv=None):
     a("--frames", type=int, default=32, help="--input-pipeline: JPEGs per frame size")
     a("--gpu-samples-per-s", type=float, default=4291,
       help="--input-pipeline: the training rate to feed (default: ViT-B-32, bf16, "
-           "--no-deterministic, on one H100, as measured in issue 18)")
+           "--no-deterministic, one H100: a figure measured on another machine)")
     args = p.parse_args(argv)
     at_least_one = min(args.batch_size, args.steps, args.threads, args.world_size)
     if at_least_one < 1 or min(args.warmup, args.workers) < 0:
@@ -527,7 +527,7 @@ def print_pipeline_table(seconds, kib, gpu_samples_per_s):
         print(f"| {width}x{height} | {kib[width, height]:.0f} | {decode} | {1e3 / per_core:.1f} "
               f"| {per_core:.1f} | {gpu_samples_per_s / per_core:.1f} |")
     print(f"{gpu_samples_per_s:g} samples/s is given (--gpu-samples-per-s), not measured here; "
-          "the default: ViT-B-32, bf16, --no-deterministic, one H100, as measured in issue 18")
+          "the default: ViT-B-32, bf16, --no-deterministic, one H100, measured on another machine")
     for width, height in PIPELINE_FRAMES[:-1]:
         full = seconds[(width, height), "full"] / seconds[PRE_RESIZED, "full"]
         draft = seconds[(width, height), "--jpeg-draft"] / seconds[PRE_RESIZED, "--jpeg-draft"]
