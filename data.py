@@ -589,10 +589,11 @@ class GlobalBatchSampler:
 
     One global batch regardless of hardware: the dataset is permuted once per epoch from
     (seed, epoch); step s of the epoch takes the next `global_batch` samples of that permutation,
-    and the world_size * accum_steps micro-batches are contiguous slices of it. So 1 process x 16
-    samples, 2 processes x 8, and 1 process x 2 accumulation steps x 8 see the same set every
-    step. The position is just the step number, so resuming needs no sampler state beyond it.
-    `samples` are the usable row indices: all rows, or those left after --bad-samples skip."""
+    cut into world_size * accum_steps micro-batches of which rank r holds r*K .. r*K+K-1
+    (K = accum_steps): one subtree of train.TreeSum's tree. So 1 process x 16, 2 processes x 8
+    and 1 process x 2 accumulation steps x 8 see the same rows in the same order every step.
+    The position is just the step number, so resuming needs no sampler state. `samples`: the
+    usable row indices, all rows or those left after --bad-samples skip."""
 
     def __init__(self, samples, batch_size, world_size, rank, accum_steps, seed, total_steps,
                  start_step=0):
@@ -620,12 +621,12 @@ class GlobalBatchSampler:
             epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
             if step == self.start_step or step_in_epoch == 0:
                 permutation = self.epoch_order(epoch)
-            # RULE 3: step s takes the s-th global batch of the permutation; each rank and each
-            # accumulation step takes its slice of it, so no hardware changes the global batch.
+            # RULE 3: step s takes the s-th global batch of the permutation; rank r takes its
+            # micro-batches r*K .. r*K+K-1, so no hardware changes the batch or its order.
             first = step_in_epoch * self.global_batch
             batch = permutation[first:first + self.global_batch].tolist()
             for micro in range(self.accum_steps):
-                start = (micro * self.world_size + self.rank) * self.batch_size
+                start = (self.rank * self.accum_steps + micro) * self.batch_size
                 yield [(epoch, index) for index in batch[start:start + self.batch_size]]
 
     def __len__(self):

@@ -19,7 +19,6 @@ that tells what --local-loss and --gather-with-grad really compute. `main`, at t
 the phases of a run.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -50,20 +49,28 @@ class GatherWithGrad(torch.autograd.Function):
 
     Rank r's loss depends on every rank's features, so the gradient of the *total* loss with
     respect to rank r's slice is the sum over ranks of their local gradients for that slice:
-    all-reduce-sum, then keep our own slice.
+    all-reduce-sum, then keep our own slice. With the global loss every rank computes the same
+    loss from the same gathered features: the N gradients are N copies of the same bits, and
+    their sum is our own slice times N, with no communication.
     """
 
     @staticmethod
-    def forward(ctx, tensor):                                   # (B, D) -> (world * B, D)
+    def forward(ctx, tensor, same_loss_on_every_rank):          # (B, D) -> (world * B, D)
         ctx.rank = dist.get_rank()
         ctx.batch = tensor.shape[0]
+        ctx.same_loss = same_loss_on_every_rank
         return torch.cat(all_gather(tensor))
 
     @staticmethod
     def backward(ctx, grad):                                    # (world * B, D) -> (B, D)
+        mine = slice(ctx.rank * ctx.batch, (ctx.rank + 1) * ctx.batch)
+        if ctx.same_loss:
+            # RULE 3: N x g is exact for N a power of two; g + g + g, added in the network's
+            # order, need not even equal 3 x g.
+            return grad[mine] * dist.get_world_size(), None
         grad = grad.contiguous().clone()  # autograd may hand us a strided or shared buffer
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+        return grad[mine], None
 
 
 def all_gather(tensor):
@@ -76,7 +83,8 @@ def all_gather(tensor):
 def gather_features(features, gather_with_grad, local_loss):
     """Every rank's features, (N*B, D), with or without a gradient path, as OpenCLIP gathers."""
     if gather_with_grad:
-        return GatherWithGrad.apply(features)
+        # The global loss is the same on every rank; a local loss is each rank's own.
+        return GatherWithGrad.apply(features, not local_loss)
     gathered = all_gather(features)
     # All-gather returns tensors without grad; for the global loss, put our own slice back so that
     # its gradient flows (the other ranks' slices stay constants: their ranks compute theirs).
@@ -287,6 +295,162 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=args.eps, fused=True)
 
 
+# ----------------------------------------------------------------------------- one order of sums
+
+class TreeSum:
+    """t0 + t1 + t2 + ... along one binary tree over the terms' index, whatever the hardware:
+    ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)).
+
+    Floating-point addition is commutative (a + b = b + a, to the bit) but not associative:
+    (a + b) + c and a + (b + c) can differ in the last bit. So RULE 3 makes the order of the
+    gradients' sum a function of the global micro-batch index alone: one process adding
+    micro-batches 0..3, and two processes adding 0..1 and 2..3 and then each other's sums, build
+    the same tree, where a running sum ((t0 + t1) + t2) + t3 would not. As in counting in binary,
+    two finished subtrees of one size are added at once: at most log2(n) + 1 sums are kept.
+    """
+
+    def __init__(self):
+        self.subtrees = []  # (number of terms, their sum) of finished subtrees, left to right
+        self.count = 0
+
+    def add(self, term):
+        """Take the next term; it becomes ours, for the sums are made in place."""
+        size = 1
+        while self.subtrees and self.subtrees[-1][0] == size:
+            left = self.subtrees.pop()[1]
+            term = left.add_(term)
+            size *= 2
+        self.subtrees.append((size, term))
+        self.count += 1
+
+    def total(self):
+        """The sum. When the count is not a power of two, the subtrees left unpaired are added
+        right to left."""
+        total = self.subtrees.pop()[1]
+        while self.subtrees:
+            total = self.subtrees.pop()[1].add_(total)
+        return total
+
+
+class MicroBatchGradients:
+    """Each parameter's gradients from the micro-batches of one step, added along TreeSum's
+    tree."""
+
+    def __init__(self, accum_steps):
+        self.accum_steps = accum_steps
+        self.trees = {}  # parameter -> TreeSum of its gradients so far this step
+
+    def add(self, parameter, gradient):
+        """Take one micro-batch's gradient (ours from now on); return the parameter's total
+        once all accum_steps are in, else None."""
+        tree = self.trees.setdefault(parameter, TreeSum())
+        tree.add(gradient)
+        if tree.count < self.accum_steps:
+            return None
+        return self.trees.pop(parameter).total()
+
+
+def halves(part, rank, distance):
+    """(the half of `part` that `rank` keeps in the round at `distance`, the partner's half)."""
+    middle = (part.start + part.stop) // 2
+    lower = slice(part.start, middle)
+    upper = slice(middle, part.stop)
+    if rank & distance:  # the higher rank of the pair
+        return upper, lower
+    return lower, upper
+
+
+def exchange(send, receive, partner):
+    """Send `send` to rank `partner` while receiving `receive` from it."""
+    requests = [dist.isend(send, partner), dist.irecv(receive, partner)]
+    for request in requests:
+        request.wait()
+
+
+def tree_all_reduce(buffer):
+    """Sum a flat `buffer` over a power-of-two number of ranks, in place, along a binary tree
+    over the rank index: ((r0 + r1) + (r2 + r3)) + ...
+
+    Recursive halving, then doubling. In round d = 1, 2, 4, ... each rank pairs with rank ^ d,
+    keeps half of its part and adds the partner's sums for that half: after log2(N) rounds it
+    holds 1/N of the buffer summed along the tree. The rounds backwards hand the parts around.
+    Each rank sends about twice the buffer, as in a ring all-reduce.
+    """
+    rank = dist.get_rank()
+    world = dist.get_world_size()
+    part = slice(0, buffer.numel())  # what this rank sums: all of it, then halves of halves
+    parts = []
+    distance = 1
+    while distance < world:
+        keep, give = halves(part, rank, distance)
+        received = torch.empty_like(buffer[keep])
+        exchange(buffer[give], received, rank ^ distance)
+        # Mine + theirs is theirs + mine to the bit: the two ranks of a pair add the same two
+        # subtrees, whichever of them holds which.
+        buffer[keep] += received
+        parts.append(part)
+        part = keep
+        distance *= 2
+    while parts:
+        distance //= 2
+        mine, theirs = halves(parts.pop(), rank, distance)
+        exchange(buffer[mine], buffer[theirs], rank ^ distance)
+
+
+def finished(tensor):
+    """A future that already holds `tensor`: a DDP hook that has done its work returns one."""
+    future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
+
+
+def tree_all_reduce_hook(gradients, bucket):
+    """DDP communication hook: the mean over ranks of a bucket of gradients, added along one
+    tree over the global micro-batch index, not in the order of DDP's all-reduce (a ring's).
+
+    `gradients`: this rank's MicroBatchGradients. DDP calls the hook after each backward (no
+    no_sync in train_step): it keeps each micro-batch's gradients and zeroes the bucket (so the
+    next backward writes 0 + g = g); after the last, it adds up this rank's micro-batches
+    r*K .. r*K+K-1 (data.GlobalBatchSampler), one subtree of the tree, and communicates. It
+    waits for its messages, where DDP's all-reduce overlaps the rest of backward: on 2 gloo
+    processes a step costs 1-5% more (bench.py --ddp 2).
+    """
+    buffer = bucket.buffer()  # the bucket's gradients, flat
+    if gradients.accum_steps > 1:
+        views = bucket.gradients()  # each parameter's gradient: a view into the buffer
+        totals = [gradients.add(p, g.clone()) for p, g in zip(bucket.parameters(), views)]
+        if totals[0] is None:
+            return finished(buffer.zero_())
+        for view, total in zip(views, totals):
+            view.copy_(total)
+    world = dist.get_world_size()
+    if world & (world - 1):  # not a power of two: no tree to match, float rounding
+        dist.all_reduce(buffer)
+    else:
+        tree_all_reduce(buffer)
+    return finished(buffer.div_(world))
+
+
+def world_size_guarantee(args, world):
+    """What another split of this global batch into processes x --accum-steps at the same
+    --batch-size gives: {"level": "bitwise", "float rounding" or "none", "why": ...}."""
+    # RULE 3: said at start and kept in the manifest, so that nobody expects more than holds.
+    K = args.accum_steps
+    rounding = "float rounding"
+    if not args.gather_with_grad:
+        return {"level": "none", "why": "--no-gather-with-grad: the encoders' gradient "
+                "depends on the number of processes (see contrastive_loss)"}
+    if args.local_loss:
+        return {"level": rounding, "why": "--local-loss: each rank sums its own rows' loss"}
+    if not args.deterministic or args.compile:
+        return {"level": rounding, "why": "--no-deterministic or --compile kernels"}
+    if world & (world - 1) or K & (K - 1):
+        return {"level": rounding, "why": f"{world} processes x --accum-steps {K}: "
+                "not both powers of two, so sums and divisions round differently"}
+    return {"level": "bitwise", "why": "any power-of-two number of processes x --accum-steps "
+            "at this --batch-size, on the same hardware, libraries and threads per process"}
+
+
 # ----------------------------------------------------------------------------- one step
 
 def train_step(model, micro_batches, args, autocast):
@@ -296,7 +460,8 @@ def train_step(model, micro_batches, args, autocast):
     --accum-freq: first embed every micro-batch without gradient, then recompute each one with
     gradient against the cached rest and backpropagate. The K backward passes add up to the exact
     gradient of the one big batch; logit_scale takes part in all K, so its gradient is scaled by
-    1/K.
+    1/K. The K gradients are added along TreeSum's tree: here on one process, under DDP in
+    tree_all_reduce_hook, together with the other ranks'.
     """
     K = len(micro_batches)
     # RULE 3: one global batch for the loss, however many micro-batches it is computed in.
@@ -304,27 +469,31 @@ def train_step(model, micro_batches, args, autocast):
     if K > 1:
         with torch.no_grad(), autocast:
             cached = [model(images, tokens)[:2] for images, tokens in micro_batches]
+    gradients = None  # under DDP (which has no_sync, compiled or not), the hook adds them up
+    if K > 1 and not hasattr(model, "no_sync"):
+        gradients = MicroBatchGradients(K)
     for k, (images, tokens) in enumerate(micro_batches):
-        # DDP all-reduces gradients only after the last micro-batch.
-        sync = contextlib.nullcontext()
-        if k < K - 1 and hasattr(model, "no_sync"):
-            sync = model.no_sync()
-        with sync:
-            with autocast:
-                image_features, text_features, logit_scale = model(images, tokens)
-                # The global batch: this micro-batch with gradient, the others as cached.
-                image_parts = [image for image, _ in cached]
-                text_parts = [text for _, text in cached]
-                image_parts[k] = image_features
-                text_parts[k] = text_features
-                all_image = torch.cat(image_parts)
-                all_text = torch.cat(text_parts)
-                # The same value, with its gradient multiplied by 1/K (by exactly 1 when K = 1).
-                logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / K)
-                loss = contrastive_loss(all_image, all_text, logit_scale,
-                                        local_loss=args.local_loss,
-                                        gather_with_grad=args.gather_with_grad)
-            loss.backward()  # outside autocast, as PyTorch advises
+        with autocast:
+            image_features, text_features, logit_scale = model(images, tokens)
+            # The global batch: this micro-batch with gradient, the others as cached.
+            image_parts = [image for image, _ in cached]
+            text_parts = [text for _, text in cached]
+            image_parts[k] = image_features
+            text_parts[k] = text_features
+            all_image = torch.cat(image_parts)
+            all_text = torch.cat(text_parts)
+            # The same value, with its gradient multiplied by 1/K (by exactly 1 when K = 1).
+            logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / K)
+            loss = contrastive_loss(all_image, all_text, logit_scale,
+                                    local_loss=args.local_loss,
+                                    gather_with_grad=args.gather_with_grad)
+        loss.backward()  # outside autocast, as PyTorch advises
+        if gradients is not None:
+            # RULE 3: the tree, not a running sum. The gradient is None again until the last
+            # micro-batch's total, so that each backward writes its own.
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad = gradients.add(p, p.grad)
     return loss.detach()
 
 
@@ -618,6 +787,8 @@ def distribute(model, args, world):
         # static_graph lets DDP plan its all-reduces once; --accum-steps's no-grad caching pass
         # changes the graph.
         model = DDP(model, gradient_as_bucket_view=True, static_graph=args.accum_steps == 1)
+        # RULE 3: the gradients' sum in one order for any split of the global batch.
+        model.register_comm_hook(MicroBatchGradients(args.accum_steps), tree_all_reduce_hook)
     if args.compile:
         model = torch.compile(model)  # after DDP, as PyTorch advises
     return model
@@ -663,6 +834,7 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                         "tf32": torch.backends.cuda.matmul.allow_tf32,
                         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                         "cudnn_benchmark": torch.backends.cudnn.benchmark},
+        "world_size_guarantee": world_size_guarantee(args, proc.world),
         **plumbing.environment(proc.device),
         "startup_seconds": startup_seconds,
         "started": manifest.get("started", datetime.datetime.now().isoformat()),
@@ -768,6 +940,9 @@ def main(argv=None):
         print(f"run folder {run_dir}: {len(train_data.samples)} pairs, {proc.world} process(es) x "
               f"{args.batch_size} x {args.accum_steps} = global batch {schedule.global_batch}, "
               f"{schedule.total_steps} steps")
+        guarantee = world_size_guarantee(args, proc.world)
+        print(f"another split of this global batch (RULE 3): {guarantee['level']}, "
+              f"{guarantee['why']}")
 
     train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
           run_dir, proc)

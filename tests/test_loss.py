@@ -1,7 +1,7 @@
 """The distributed contrastive loss against the symmetric InfoNCE of one process on the
 concatenated batch (written out in test_references.py, independent of train.py), against
-OpenCLIP's ClipLoss semantics in all four flag combinations, and train_step's accumulation with DDP
-under bf16 autocast against one step on the whole batch.
+OpenCLIP's ClipLoss semantics in all four flag combinations, and train_step's accumulation with
+DDP's tree hook against one process (the same bits, RULE 3) and one step on the whole batch.
 
 Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gradient averaging.
 This is the gradient table in train.contrastive_loss's docstring, proved.
@@ -28,8 +28,9 @@ def make_problem(world):
     encoder = {"image": torch.randn(IN_DIM, EMBED, dtype=torch.float64),
                "text": torch.randn(IN_DIM, EMBED, dtype=torch.float64),
                "log_scale": torch.tensor(2.0, dtype=torch.float64)}
-    inputs = torch.randn(world * BATCH, IN_DIM, dtype=torch.float64), torch.randn(world * BATCH, IN_DIM, dtype=torch.float64)
-    return encoder, inputs
+    images = torch.randn(world * BATCH, IN_DIM, dtype=torch.float64)
+    texts = torch.randn(world * BATCH, IN_DIM, dtype=torch.float64)
+    return encoder, (images, texts)
 
 
 def loss_and_grads(encoder, images, texts, loss_function=train.contrastive_loss, **flags):
@@ -96,7 +97,8 @@ def worker(rank, world, rendezvous, results):
 @pytest.fixture(scope="module", params=[2, 3])
 def distributed(request, tmp_path_factory):
     world, folder = request.param, tmp_path_factory.mktemp(f"world{request.param}")
-    mp.spawn(worker, args=(world, str(folder / "rendezvous"), str(folder / "results.pt")), nprocs=world)
+    spawn_args = (world, str(folder / "rendezvous"), str(folder / "results.pt"))
+    mp.spawn(worker, args=spawn_args, nprocs=world)
     encoder, (images, texts) = make_problem(world)
     # One process, the whole batch, the loss as defined (not train.py's single-process branch).
     reference = loss_and_grads(encoder, images, texts, symmetric_info_nce)
@@ -116,7 +118,8 @@ def test_gather_with_grad_gives_the_single_process_gradient(distributed, local_l
         assert_close(grads[name], ref_grads[name])
 
 
-def test_global_loss_without_gather_with_grad_scales_encoder_gradients_by_one_over_world(distributed):
+def test_global_loss_without_gather_with_grad_scales_encoder_gradients_by_one_over_world(
+        distributed):
     world, (ref_loss, ref_grads), results = distributed
     loss, grads = results[(False, False)]
     assert_close(loss, ref_loss)
@@ -132,7 +135,8 @@ def test_local_loss_without_gather_with_grad_is_biased(distributed):
     for name in ("image", "text"):  # ...but the gradient is not a multiple of the true one
         g, ref = grads[name].flatten(), ref_grads[name].flatten()
         best_scale = (g @ ref) / (ref @ ref)
-        assert (g - best_scale * ref).norm() > 1e-3 * g.norm(), f"{name} gradient is proportional to the truth"
+        assert (g - best_scale * ref).norm() > 1e-3 * g.norm(), \
+            f"{name} gradient is proportional to the truth"
 
 
 @pytest.mark.parametrize("local_loss, gather_with_grad",
@@ -154,17 +158,20 @@ def test_gather_with_grad_accepts_non_contiguous_gradients(tmp_path):
 
 def _non_contiguous_worker(rank, world, rendezvous):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    x = torch.full((3, 4), float(rank + 1), requires_grad=True)
-    gathered = train.GatherWithGrad.apply(x)          # (6, 4)
-    weights = torch.arange(24.0).view(4, 6)
-    (gathered.T * weights).sum().backward()           # gradient of gathered is weights.T: strided
-    # d/dx of the sum over both ranks' identical losses = 2 * our slice of weights.T
-    torch.testing.assert_close(x.grad, 2 * weights.T[rank * 3:(rank + 1) * 3])
+    # Both backward paths: an all-reduce (each rank's own loss) and N x our slice (one loss).
+    for same_loss_on_every_rank in (False, True):
+        x = torch.full((3, 4), float(rank + 1), requires_grad=True)
+        gathered = train.GatherWithGrad.apply(x, same_loss_on_every_rank)  # (6, 4)
+        weights = torch.arange(24.0).view(4, 6)
+        (gathered.T * weights).sum().backward()       # gradient of gathered is weights.T: strided
+        # d/dx of the sum over both ranks' identical losses = 2 * our slice of weights.T
+        torch.testing.assert_close(x.grad, 2 * weights.T[rank * 3:(rank + 1) * 3])
     dist.destroy_process_group()
 
 
-SMALL_CLIP = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_head_width=32,
-                  context_length=12, vocab_size=100, text_width=64, text_heads=2, text_layers=2)
+SMALL_CLIP = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                  vision_head_width=32, context_length=12, vocab_size=100, text_width=64,
+                  text_heads=2, text_layers=2)
 
 
 def clip_and_batch(samples):
@@ -178,35 +185,59 @@ def clip_and_batch(samples):
     return model, images, tokens
 
 
-def bf16_gradients(model, micro_batches):
-    """train.py's step under bf16 autocast on the CPU: the gradients by name, as float64 for comparing."""
-    train.train_step(model, micro_batches, train.parse_args([]), torch.autocast("cpu", dtype=torch.bfloat16))
-    return {name.removeprefix("module."): p.grad.double() for name, p in model.named_parameters()}
+def step_gradients(model, micro_batches, precision):
+    """train.py's step on the CPU, fp32 or under bf16 autocast: the gradients by name."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    train.train_step(model, micro_batches, train.parse_args([]), autocast)
+    gradients = {name.removeprefix("module."): p.grad.clone()
+                 for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def micro_batches_of(images, tokens, size):
+    return [(images[i:i + size], tokens[i:i + size]) for i in range(0, len(images), size)]
 
 
 def _accumulation_worker(rank, world, rendezvous, results):
+    torch.set_num_threads(1)  # the thread count is part of the bits
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     model, images, tokens = clip_and_batch(16)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # as train.py at K > 1
+    # DDP with RULE 3's hook, as train.py; rank r takes micro-batches 2r and 2r + 1, as
+    # data.GlobalBatchSampler.
+    ddp = train.distribute(model, train.parse_args(["--accum-steps", "2"]), world)
     mine = slice(rank * 8, (rank + 1) * 8)
-    micro_batches = [(images[mine][k * 4:(k + 1) * 4], tokens[mine][k * 4:(k + 1) * 4]) for k in range(2)]
-    gradients = bf16_gradients(ddp, micro_batches)
+    micro_batches = micro_batches_of(images[mine], tokens[mine], 4)
+    gradients = {}
+    for precision in ("fp32", "bf16"):
+        gradients[precision] = step_gradients(ddp, micro_batches, precision)
     if rank == 0:
         torch.save(gradients, results)
     dist.destroy_process_group()
 
 
-def test_accumulation_with_ddp_under_bf16_autocast_gives_the_gradient_of_the_whole_batch(tmp_path):
-    """2 ranks x 2 micro-batches of 4 (no-grad caching pass, DDP's no_sync, backward outside autocast)
-    against one process stepping on all 16 pairs at once, both in bf16: equal up to bf16's rounding."""
-    mp.spawn(_accumulation_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "grads.pt")), nprocs=2)
+def test_accumulation_with_ddp_gives_the_bits_of_one_process_and_the_whole_batch_gradient(tmp_path):
+    """2 ranks x 2 micro-batches of 4 (no-grad caching pass, DDP's tree hook, backward outside
+    autocast) against 1 process x 4 micro-batches of 4: the same bits, fp32 and bf16 (RULE 3);
+    and against one process on all 16 pairs at once in bf16: equal up to bf16's rounding."""
+    spawn_args = (2, str(tmp_path / "rendezvous"), str(tmp_path / "grads.pt"))
+    mp.spawn(_accumulation_worker, args=spawn_args, nprocs=2)
     accumulated = torch.load(tmp_path / "grads.pt", weights_only=True)
-    model, images, tokens = clip_and_batch(16)
-    whole = bf16_gradients(model, [(images, tokens)])
-    model.zero_grad(set_to_none=True)
-    half = bf16_gradients(model, [(images[:8], tokens[:8])])  # what a wrong accumulation could look like
-    # Measured 1e-3 over all, 0 for logit_scale (it takes part in both micro-batches, at 1/2 each: without
-    # that 1/2 it is 1.0 away); a gradient of half the batch is 0.55 away.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, images, tokens = clip_and_batch(16)
+        for precision in ("fp32", "bf16"):
+            one_process = step_gradients(model, micro_batches_of(images, tokens, 4), precision)
+            for name, gradient in one_process.items():
+                assert torch.equal(accumulated[precision][name], gradient), f"{precision} {name}"
+        whole = step_gradients(model, [(images, tokens)], "bf16")
+        half = step_gradients(model, [(images[:8], tokens[:8])], "bf16")  # a wrong accumulation
+    finally:
+        torch.set_num_threads(threads)
+    accumulated = accumulated["bf16"]
+    # Measured 1e-3 over all, 0 for logit_scale (it takes part in both micro-batches, at 1/2
+    # each: without that 1/2 it is 1.0 away); a gradient of half the batch is 0.55 away.
     assert relative_difference(accumulated, whole) < 1e-2
     assert relative_difference(accumulated, whole, ["logit_scale"]) < 1e-2
     assert relative_difference(half, whole) > 0.2
