@@ -17,6 +17,8 @@ What QUILT-1M's table costs in memory, in the trainer and in its forked loader w
 How many cores per GPU decoding and cropping QUILT-1M's frames takes, with and without
 --jpeg-draft, and what a pre-resize to short side 256 saves:
     python bench.py --input-pipeline
+What train.py's tree reduction of the gradients (RULE 3) costs against DDP's all-reduce:
+    python bench.py --ddp 2 --width 256 --text-width 256 --vocab-size 49408 --batch-size 16
 A quick look on a laptop:
     python bench.py --steps 5 --warmup 2 --batch-size 32
 """
@@ -36,7 +38,10 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import demo_data
@@ -232,6 +237,9 @@ def parse_args(argv=None):
     a("--gpu-samples-per-s", type=float, default=4291,
       help="--input-pipeline: the training rate to feed (default: ViT-B-32, bf16, "
            "--no-deterministic, one H100: a figure measured on another machine)")
+    a("--ddp", type=int, default=0, metavar="N",
+      help="instead: DDP steps on N gloo processes of one thread, DDP's all-reduce against "
+           "train.py's tree hook")
     args = p.parse_args(argv)
     at_least_one = min(args.batch_size, args.steps, args.threads, args.world_size)
     if at_least_one < 1 or min(args.warmup, args.workers) < 0:
@@ -241,6 +249,8 @@ def parse_args(argv=None):
         raise UsageError("--table-rows must be at least 1.")
     if args.frames < 1 or not 0 < args.gpu_samples_per_s < math.inf:
         raise UsageError("--frames must be at least 1, --gpu-samples-per-s a positive number.")
+    if args.ddp == 1 or args.ddp < 0:
+        raise UsageError("--ddp N compares reductions over N >= 2 processes.")
     return args
 
 
@@ -611,6 +621,51 @@ def compile_failure(error):
                       "C++ compiler).")
 
 
+def reduction_worker(rank, world, rendezvous, args, results):
+    """One of `world` gloo processes: DDP steps with DDP's own all-reduce and with train.py's
+    tree hook, by turns; rank 0 saves the step times."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)
+    train_args = as_train_args(args)
+    cfg = bench_config(args)
+    cpu = torch.device("cpu")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    batches = itertools.repeat(synthetic_batch(cfg, args.batch_size, cpu))
+    steps = {}
+    for name in ("DDP's all-reduce", "the tree hook"):
+        raw_model = CLIP(cfg).train()
+        if name == "the tree hook":
+            model = train.distribute(raw_model, train_args, world)
+        else:
+            model = DDP(raw_model, gradient_as_bucket_view=True, static_graph=True)
+        optimizer = train.make_optimizer(raw_model, train_args)
+        steps[name] = training_step(model, raw_model, optimizer, train_args, autocast, batches,
+                                    cpu)
+    times = {name: [] for name in steps}
+    for _ in range(2):  # by turns: a shared machine's slow moments hit both
+        for name, step in steps.items():
+            times[name] += time_steps(step, args.warmup, args.steps, cpu)
+    if rank == 0:
+        torch.save(times, results)
+    dist.destroy_process_group()
+
+
+def reduction_cost(args):
+    """What train.py's tree reduction (RULE 3) costs a step, against DDP's all-reduce."""
+    with tempfile.TemporaryDirectory() as folder:
+        results = os.path.join(folder, "times.pt")
+        rendezvous = os.path.join(folder, "rendezvous")
+        mp.spawn(reduction_worker, args=(args.ddp, rendezvous, args, results), nprocs=args.ddp)
+        times = torch.load(results)
+    plain = statistics.median(times["DDP's all-reduce"])
+    tree = statistics.median(times["the tree hook"])
+    print(f"{args.ddp} gloo processes x 1 thread, {args.model}, batch {args.batch_size} per "
+          f"process, {args.precision}: step {1e3 * plain:.1f} ms with DDP's all-reduce, "
+          f"{1e3 * tree:.1f} ms with the tree hook ({100 * (tree / plain - 1):+.1f}%; medians "
+          f"of {len(times['the tree hook'])})")
+
+
 def print_setup(args, cfg, device, freed_memory_kept):
     """Everything that decides the figures, and the loss's memory at --world-size."""
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, "
@@ -637,6 +692,8 @@ def main(argv=None):
         return table_memory(args.table_rows, args.workers)
     if args.input_pipeline:
         return input_pipeline(args.frames, args.gpu_samples_per_s, args.seed)
+    if args.ddp:
+        return reduction_cost(args)
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -132,6 +132,19 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
     assert row[1:] == ["fp32", "8", synthetic_rate, pipeline_rate, f"{mfu_now:.1f}%"], row
 
 
+
+@pytest.mark.slow
+def test_ddp_mode_times_the_tree_hook_against_ddps_all_reduce(capsys):
+    """bench.py --ddp 2: both reductions really run, and the cost is printed from their times."""
+    bench.main(["--ddp", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    found = re.search(rf"step {NUMBER} ms with DDP's all-reduce, {NUMBER} ms with the tree hook "
+                      rf"\(([+-]\d+\.\d)%; medians of 4\)", line)
+    assert found, line
+    plain, tree, cost = (float(found[i]) for i in (1, 2, 3))
+    assert 0 < plain < math.inf and 0 < tree < math.inf
+    assert abs(100 * (tree / plain - 1) - cost) < 0.2, line  # the ms are printed rounded
+
 KEEP_FREED_MEMORY_PROBE = """
 import resource, sys, torch, plumbing
 kept = plumbing.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
