@@ -7,7 +7,6 @@ Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gr
 This is the gradient table in train.contrastive_loss's docstring, proved.
 """
 import itertools
-import os
 
 import pytest
 import torch
@@ -79,6 +78,8 @@ def ddp_average(loss, grads, world):
 
 
 def worker(rank, world, rendezvous, results):
+    """Everything this file needs of `world` processes, in one spawn (each costs seconds)."""
+    torch.set_num_threads(1)  # the thread count is part of the bits (accumulated_gradients)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     encoder, (images, texts) = make_problem(world)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -89,6 +90,10 @@ def worker(rank, world, rendezvous, results):
         out[(local_loss, gather_with_grad)] = ddp_average(*ours, world)
         theirs = loss_and_grads(encoder, images[mine], texts[mine], openclip_clip_loss, **flags)
         out[("openclip", local_loss, gather_with_grad)] = ddp_average(*theirs, world)
+    out["non_contiguous"] = [None] * world  # every rank's gradients
+    dist.all_gather_object(out["non_contiguous"], non_contiguous_gradients(rank))
+    if world == 2:  # the tree needs a power-of-two number of processes
+        out["accumulated"] = accumulated_gradients(rank, world)
     if rank == 0:
         torch.save(out, results)
     dist.destroy_process_group()
@@ -151,22 +156,27 @@ def test_each_flag_combination_means_what_openclip_means(distributed, local_loss
         assert_close(grads[name], openclip_grads[name])
 
 
-def test_gather_with_grad_accepts_non_contiguous_gradients(tmp_path):
-    """A transposed use of the gathered tensor hands backward a non-contiguous gradient."""
-    mp.spawn(_non_contiguous_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
-
-
-def _non_contiguous_worker(rank, world, rendezvous):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    # Both backward paths: an all-reduce (each rank's own loss) and N x our slice (one loss).
+def non_contiguous_gradients(rank):
+    """x's gradient through a transposed use of the gathered tensor, which hands backward a
+    non-contiguous gradient, on both backward paths: an all-reduce (each rank's own loss) and
+    N x our slice (one loss on every rank)."""
+    gradients = []
     for same_loss_on_every_rank in (False, True):
         x = torch.full((3, 4), float(rank + 1), requires_grad=True)
-        gathered = train.GatherWithGrad.apply(x, same_loss_on_every_rank)  # (6, 4)
-        weights = torch.arange(24.0).view(4, 6)
-        (gathered.T * weights).sum().backward()       # gradient of gathered is weights.T: strided
-        # d/dx of the sum over both ranks' identical losses = 2 * our slice of weights.T
-        torch.testing.assert_close(x.grad, 2 * weights.T[rank * 3:(rank + 1) * 3])
-    dist.destroy_process_group()
+        gathered = train.GatherWithGrad.apply(x, same_loss_on_every_rank)  # (world * 3, 4)
+        weights = torch.arange(4.0 * len(gathered)).view(4, -1)
+        (gathered.T * weights).sum().backward()  # gathered's gradient is weights.T: strided
+        gradients.append(x.grad)
+    return gradients
+
+
+def test_gather_with_grad_accepts_non_contiguous_gradients(distributed):
+    world, _, results = distributed
+    weights = torch.arange(4.0 * 3 * world).view(4, -1)
+    for rank, gradients in enumerate(results["non_contiguous"]):
+        for gradient in gradients:
+            # d/dx of the sum over the ranks' identical losses = world x our slice of weights.T
+            torch.testing.assert_close(gradient, world * weights.T[rank * 3:(rank + 1) * 3])
 
 
 SMALL_CLIP = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
@@ -199,30 +209,26 @@ def micro_batches_of(images, tokens, size):
     return [(images[i:i + size], tokens[i:i + size]) for i in range(0, len(images), size)]
 
 
-def _accumulation_worker(rank, world, rendezvous, results):
-    torch.set_num_threads(1)  # the thread count is part of the bits
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+def accumulated_gradients(rank, world):
+    """train_step under DDP with RULE 3's hook, as train.py: rank r takes micro-batches 2r and
+    2r + 1 of 4 pairs each, as data.GlobalBatchSampler; fp32 and bf16."""
     model, images, tokens = clip_and_batch(16)
-    # DDP with RULE 3's hook, as train.py; rank r takes micro-batches 2r and 2r + 1, as
-    # data.GlobalBatchSampler.
     ddp = train.distribute(model, train.parse_args(["--accum-steps", "2"]), world)
     mine = slice(rank * 8, (rank + 1) * 8)
     micro_batches = micro_batches_of(images[mine], tokens[mine], 4)
-    gradients = {}
-    for precision in ("fp32", "bf16"):
-        gradients[precision] = step_gradients(ddp, micro_batches, precision)
-    if rank == 0:
-        torch.save(gradients, results)
-    dist.destroy_process_group()
+    return {precision: step_gradients(ddp, micro_batches, precision)
+            for precision in ("fp32", "bf16")}
 
 
-def test_accumulation_with_ddp_gives_the_bits_of_one_process_and_the_whole_batch_gradient(tmp_path):
+def test_accumulation_with_ddp_gives_the_bits_of_one_process_and_the_whole_batch_gradient(
+        distributed):
     """2 ranks x 2 micro-batches of 4 (no-grad caching pass, DDP's tree hook, backward outside
     autocast) against 1 process x 4 micro-batches of 4: the same bits, fp32 and bf16 (RULE 3);
     and against one process on all 16 pairs at once in bf16: equal up to bf16's rounding."""
-    spawn_args = (2, str(tmp_path / "rendezvous"), str(tmp_path / "grads.pt"))
-    mp.spawn(_accumulation_worker, args=spawn_args, nprocs=2)
-    accumulated = torch.load(tmp_path / "grads.pt", weights_only=True)
+    world, _, results = distributed
+    if "accumulated" not in results:
+        pytest.skip("the tree needs a power-of-two number of processes")
+    accumulated = results["accumulated"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
