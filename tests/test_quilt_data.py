@@ -70,7 +70,8 @@ def test_csv_keeps_only_the_train_split_and_counts_the_held_out_rows(quilt):
     path, written = quilt
     rows, sizes, split_filter = data.read_csv_table(path)
     train = [row for row in written if row["split"] == "train"]
-    assert list(rows) == [(row["image_path"], row["caption"]) for row in train]  # quotes, commas, \n
+    # every train row intact, quotes, commas and newlines included
+    assert list(rows) == [(row["image_path"], row["caption"]) for row in train]
     assert split_filter == {"column": "split", "value": "train", "column_present": True,
                             "rows_in_csv": 36, "rows_kept": 24}
     assert sizes.dtype == np.int32

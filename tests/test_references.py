@@ -25,8 +25,9 @@ SMALL_CLIP = dict(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vi
 # ----------------------------------------------------------------------------- the contrastive loss
 
 def symmetric_info_nce(image_features, text_features, scale):
-    """CLIP's loss from its definition, one sample at a time: for each image i, -log of the softmax
-    probability of its own caption among all captions; the same for each caption; the mean of both."""
+    """CLIP's loss from its definition, one sample at a time: for each image i, -log of the
+    softmax probability of its own caption among all captions; the same for each caption; the
+    mean of both."""
     n = image_features.shape[0]
     image_to_text = []
     text_to_image = []
@@ -67,7 +68,7 @@ def test_contrastive_loss_on_a_case_computed_by_hand():
     assert by_hand == pytest.approx(0.4489, abs=1e-4)
 
 
-# ----------------------------------------------------------------------------- schedule and optimizer
+# ------------------------------------------------------------------------ schedule and optimizer
 
 def test_cosine_lr_warms_up_linearly_then_decays_to_zero():
     base, warmup, total = 1e-3, 10, 110
@@ -196,7 +197,8 @@ def test_zero_shot_uses_the_quilt_templates_and_matches_a_computation_by_hand(
     features = F.normalize(torch.randn(30, by_hand.shape[0]), dim=-1)
     labels = (features @ by_hand).argmax(1)  # features whose nearest class is known
     labels[:5] = (labels[:5] + 1) % 3        # and five that the classifier must get wrong
-    metrics = evaluate.zero_shot(model, tokenizer, classnames, features, labels, torch.device("cpu"))
+    metrics = evaluate.zero_shot(model, tokenizer, classnames, features, labels,
+                                 torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(25 / 30)
 
 

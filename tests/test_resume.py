@@ -66,5 +66,6 @@ def test_resume_on_half_the_processes_with_accumulation_continues_the_same_run(
                         "--accum-steps", 2, "--resume", "auto", check=False)
     assert refused.returncode == 2, refused.stderr[-2000:]
     last_line = refused.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: --resume ") and "global batch 16 there, 32 here" in last_line
+    assert last_line.startswith("error: --resume ")
+    assert "global batch 16 there, 32 here" in last_line
     assert torch.load(stopped / "checkpoints" / "step_3.pt", weights_only=True)["step"] == 3
