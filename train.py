@@ -362,8 +362,11 @@ def halves(part, rank, distance):
 
 def exchange(send, receive, partner):
     """Send `send` to rank `partner` while receiving `receive` from it."""
-    requests = [dist.isend(send, partner), dist.irecv(receive, partner)]
-    for request in requests:
+    # One group of two operations: on NCCL, a lone send posted first by both ranks of a pair
+    # waits for a receive that neither has posted yet (gloo buffers, and would not show it).
+    operations = [dist.P2POp(dist.isend, send, partner),
+                  dist.P2POp(dist.irecv, receive, partner)]
+    for request in dist.batch_isend_irecv(operations):
         request.wait()
 
 
@@ -445,7 +448,7 @@ def world_size_guarantee(args, world):
     if not args.deterministic or args.compile:
         return {"level": rounding, "why": "--no-deterministic or --compile kernels"}
     if world & (world - 1) or K & (K - 1):
-        return {"level": rounding, "why": f"{world} processes x --accum-steps {K}: "
+        return {"level": rounding, "why": f"{world} process(es) x --accum-steps {K}: "
                 "not both powers of two, so sums and divisions round differently"}
     return {"level": "bitwise", "why": "any power-of-two number of processes x --accum-steps "
             "at this --batch-size, on the same hardware, libraries and threads per process"}
