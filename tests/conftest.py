@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -34,8 +35,9 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} uses {sorted(trains)}, which train: mark it @pytest.mark.slow")
 
 
-def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
-    """Run train.py as users do: `python train.py` for one process, `torchrun` for several."""
+def start_train(*flags, nproc=1, env=None):
+    """Start train.py as users do: `python train.py` for one process, `torchrun` for several.
+    Several jobs may run at once: most of a short run is imports, on one core each."""
     if nproc == 1:
         launcher = [sys.executable]
     else:
@@ -45,13 +47,36 @@ def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
     # The machine's two cores: one process takes both, two take one each. A thread count is part
     # of what bit-identity needs, so runs compared bit for bit use the same number of processes.
     threads = "2" if nproc == 1 else "1"
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": threads, **(env or {})})
+    # Files, not pipes: a job whose pipe nobody reads yet would stop at the first full buffer.
+    output = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    job = subprocess.Popen(command, cwd=REPO, text=True, stdout=output[0], stderr=output[1],
+                           env={**os.environ, "OMP_NUM_THREADS": threads, **(env or {})})
+    job.output_files = output  # Popen keeps only pipes, as job.stdout and job.stderr
+    return job
+
+
+def finish_train(job, check=True, timeout=600):
+    """Wait for a job of start_train; its CompletedProcess, or a failed test if `check`."""
+    try:
+        job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise
+    output = []
+    for file in job.output_files:
+        file.seek(0)
+        output.append(file.read())
+        file.close()
+    result = subprocess.CompletedProcess(job.args, job.returncode, *output)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
+    """train.py, start to finish (see start_train)."""
+    return finish_train(start_train(*flags, nproc=nproc, env=env), check, timeout)
 
 
 def relative_difference(a, b, names=None):
@@ -114,9 +139,9 @@ def demo_csv():
 
 @pytest.fixture(scope="session")
 def demo_run(demo_csv, tmp_path_factory):
-    """A tiny model trained for 120 steps on the demo data: a real run folder with checkpoints."""
+    """A tiny model trained for 80 steps on the demo data: a real run folder with checkpoints."""
     run_dir = tmp_path_factory.mktemp("demo_run")
-    run_train("--max-steps", 120, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir)
+    run_train("--max-steps", 80, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir)
     return run_dir
 
 
@@ -132,11 +157,24 @@ def small_csv(demo_csv, tmp_path_factory):
     return path
 
 
-def small_run(small_csv, demo_csv, out, *flags, nproc=1, **kw):
-    """A few steps of the tiny model on `small_csv`; returns the final checkpoint."""
-    run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
-              "--output-dir", out, "--workers", 0, *flags, nproc=nproc, **kw)
+def start_small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None):
+    """A few steps of the tiny model on `small_csv`, started; finish_small_run waits for it."""
+    job = start_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
+                      "--output-dir", out, "--workers", 0, *flags, nproc=nproc, env=env)
+    return job, out
+
+
+def finish_small_run(started):
+    """The final checkpoint of a run of start_small_run."""
+    job, out = started
+    finish_train(job)
     return torch.load(os.path.join(out, "checkpoints", "latest.pt"), weights_only=True)
+
+
+def small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None):
+    """A few steps of the tiny model on `small_csv`; returns the final checkpoint."""
+    return finish_small_run(start_small_run(small_csv, demo_csv, out, *flags, nproc=nproc,
+                                            env=env))
 
 
 # Each step saved and logged.

@@ -190,7 +190,7 @@ def test_linear_probe_beats_zero_shot_on_the_demo(demo_results):
     scores = demo_results["datasets"]
     probe = [scores[task]["linear_probe"]["balanced_accuracy"] for task in scores]
     zero = [scores[task]["zero_shot"]["balanced_accuracy"] for task in scores]
-    # measured: 0.872 vs 0.861
+    # measured after 80 steps: 0.850 vs 0.843
     assert sum(probe) / len(probe) > sum(zero) / len(zero), (probe, zero)
     # Task by task, the probe is never worse than zero-shot beyond the noise of a 100-200 image
     # test set.

@@ -20,8 +20,8 @@ from PIL import Image
 import data
 import plumbing
 import train
-from conftest import (REPO, STEPS, kill_job, run_train, small_run, wait_for_exit,
-                      wait_until)
+from conftest import (REPO, STEPS, finish_train, kill_job, run_train, small_run, start_train,
+                      wait_for_exit, wait_until)
 from plumbing import UsageError
 
 
@@ -177,8 +177,9 @@ def test_bad_samples_skip_is_decided_before_training_and_deterministic(messy_csv
     flags = [*data_flags, "--batch-size", 4, "--max-steps", 3, "--bad-samples", "skip",
              "--workers", 0]
     runs = []
-    for name in ("a", "b"):
-        run_train(*flags, "--output-dir", tmp_path / name, nproc=2)
+    started = [start_train(*flags, "--output-dir", tmp_path / name, nproc=2) for name in "ab"]
+    for name, job in zip("ab", started):
+        finish_train(job)
         checkpoint = tmp_path / name / "checkpoints" / "latest.pt"
         runs.append(torch.load(checkpoint, weights_only=True)["model"])
         bad = json.load(open(tmp_path / name / "bad_samples.json"))
