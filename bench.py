@@ -657,7 +657,7 @@ def reduction_cost(args):
         results = os.path.join(folder, "times.pt")
         rendezvous = os.path.join(folder, "rendezvous")
         mp.spawn(reduction_worker, args=(args.ddp, rendezvous, args, results), nprocs=args.ddp)
-        times = torch.load(results)
+        times = torch.load(results, weights_only=True)
     plain = statistics.median(times["DDP's all-reduce"])
     tree = statistics.median(times["the tree hook"])
     print(f"{args.ddp} gloo processes x 1 thread, {args.model}, batch {args.batch_size} per "
