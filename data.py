@@ -723,13 +723,23 @@ def check_out_dir(out_dir, image_root, csv_folder):
                              "overwrite the source. Pass an OUT_DIR outside it.")
 
 
+RESIZE_RECORD = "resize.json"  # in OUT_DIR, beside the CSV: how its images were made
+
+
+def read_resize_record(folder):
+    """The resize.json in `folder` as a dict, or None where there is none."""
+    path = os.path.join(folder, RESIZE_RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def start_or_resume(out_dir, settings):
     """Start OUT_DIR with resize.json recording `settings`, or resume the resize it holds if that
     had the same settings (after deleting the temporary files a killed run left)."""
-    record_path = os.path.join(out_dir, "resize.json")
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
+    record = read_resize_record(out_dir)
+    if record is not None:
         differences = [f"{key} {record.get(key)!r} there, {value!r} here"
                        for key, value in settings.items() if record.get(key) != value]
         if differences:
@@ -743,7 +753,7 @@ def start_or_resume(out_dir, settings):
         raise UsageError(f"OUT_DIR {out_dir} is not empty and holds no resize.json. Pass a new "
                          "or empty folder.")
     else:
-        write_json(record_path, settings)
+        write_json(os.path.join(out_dir, RESIZE_RECORD), settings)
 
 
 def resize_settings(args, image_root):
@@ -763,11 +773,7 @@ def resize_settings(args, image_root):
 def resize_record(csv_path):
     """The resize.json that `python data.py resize` wrote next to `csv_path`, or None: how the
     images were made, and from what, for the manifest."""
-    path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "resize.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_resize_record(os.path.dirname(os.path.abspath(csv_path)))
 
 
 def numbered_rows(reader, width):
@@ -830,7 +836,7 @@ def resize_dataset(args):
 
         out_csv = os.path.join(args.out_dir, os.path.basename(source))
         atomic_write(out_csv, write_rows)
-    write_json(os.path.join(args.out_dir, "resize.json"), {**settings, **tally})
+    write_json(os.path.join(args.out_dir, RESIZE_RECORD), {**settings, **tally})
     print(f"{out_csv}: {tally['rows']:,} rows ({tally['bad_rows']:,} bad), their images in "
           f"{os.path.join(args.out_dir, 'images')}. Train with --train-data {out_csv}.")
 
