@@ -5,8 +5,10 @@ Two tiers (pytest.ini): tests that launch processes or train carry @pytest.mark.
 process groups of test_loss.py stay in the quick tier, for they are the proof of the loss.
 """
 import contextlib
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,24 +37,116 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} uses {sorted(trains)}, which train: mark it @pytest.mark.slow")
 
 
-def start_train(*flags, nproc=1, env=None):
-    """Start train.py as users do: `python train.py` for one process, `torchrun` for several.
-    Several jobs may run at once: most of a short run is imports, on one core each."""
-    if nproc == 1:
-        launcher = [sys.executable]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run",
-                    "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*launcher, os.path.join(REPO, "train.py"), *map(str, flags)]
-    # The machine's two cores: one process takes both, two take one each. A thread count is part
-    # of what bit-identity needs, so runs compared bit for bit use the same number of processes.
-    threads = "2" if nproc == 1 else "1"
+def start_train(*flags, nproc=1, env=None, launcher=None):
+    """Start a training job of `nproc` processes; finish_train waits for it. Several jobs may run
+    at once. `launcher`:
+    - "command": train.py as users start it, `python train.py` for one process and `torchrun`
+      for several; each process pays the imports (torch, torchvision, transformers: ~5-9 s here).
+    - "fork" (the default for one thread per process on a machine without CUDA): the same
+      train.main in processes forked from this one, whose imports they share, joined by a real
+      gloo group (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun sets them). Only
+      with one thread: GNU OpenMP's thread pool does not survive a fork, and a child that asks it
+      for two threads waits forever; nor does a GPU's CUDA.
+    """
+    # One thread per process, unless `env` says otherwise: a short run is mostly start-up, which a
+    # fork saves. A thread count is part of what bit-identity needs; runs compared bit for bit
+    # use the same.
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if launcher is None:
+        can_fork = env["OMP_NUM_THREADS"] == "1" and not torch.cuda.is_available()
+        launcher = "fork" if can_fork else "command"
     # Files, not pipes: a job whose pipe nobody reads yet would stop at the first full buffer.
     output = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    flags = [str(flag) for flag in flags]
+    if launcher == "fork":
+        return ForkedJob(flags, nproc, env, output)
+    if nproc == 1:
+        command = [sys.executable]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run",
+                   "--standalone", f"--nproc_per_node={nproc}"]
+    command += [os.path.join(REPO, "train.py"), *flags]
     job = subprocess.Popen(command, cwd=REPO, text=True, stdout=output[0], stderr=output[1],
-                           env={**os.environ, "OMP_NUM_THREADS": threads, **(env or {})})
+                           env={**os.environ, **env})
     job.output_files = output  # Popen keeps only pipes, as job.stdout and job.stderr
     return job
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_in_fork(rank, world, port, flags, env, output):
+    """One rank of a ForkedJob: torchrun's environment, `output` as stdout and stderr, then
+    train.main as `python train.py` runs it (a UsageError: one line and exit status 2)."""
+    import plumbing
+    import train
+    os.chdir(REPO)
+    os.environ.update(env)
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    for stream, file in zip((1, 2), output):
+        os.dup2(file.fileno(), stream)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = [os.path.join(REPO, "train.py"), *flags]
+    plumbing.run_main(lambda: train.main(flags))
+
+
+def share_imports():
+    """Import here, once, what every forked child would import on its own."""
+    import torch._dynamo  # noqa: F401  (DDP imports it on first use)
+    import tqdm
+    import train  # noqa: F401  (and through it torch, torchvision, data, model, evaluate)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  (data.py's)
+    # tqdm's monitor thread could hold its lock at the moment of a fork, and the child's bars
+    # would wait for it forever.
+    tqdm.tqdm.monitor_interval = 0
+    assert not torch.distributed.is_initialized(), "a child would inherit this process group"
+
+
+class ForkedJob:
+    """`nproc` forked processes training together, waited for as one job (see start_train)."""
+
+    def __init__(self, flags, nproc, env, output):
+        share_imports()
+        self.args = ["train.py", *flags]
+        self.output_files = output
+        self.returncode = None
+        port = free_port()
+        context = torch.multiprocessing.get_context("fork")
+        self.processes = [context.Process(target=train_in_fork,
+                                          args=(rank, nproc, port, flags, env, output))
+                          for rank in range(nproc)]
+        for process in self.processes:
+            process.start()
+
+    def wait(self, timeout=None):
+        """The job's exit status: the first rank's that failed, else 0. A rank that fails stops
+        the others, as torchrun does, for they would wait for it in a collective."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            codes = [process.exitcode for process in self.processes]
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed or None not in codes:
+                self.kill()
+                self.returncode = failed[0] if failed else 0
+            elif time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            else:
+                time.sleep(0.05)
+        return self.returncode
+
+    def kill(self):
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
 
 
 def finish_train(job, check=True, timeout=600):
@@ -74,9 +168,10 @@ def finish_train(job, check=True, timeout=600):
     return result
 
 
-def run_train(*flags, nproc=1, env=None, check=True, timeout=600):
+def run_train(*flags, nproc=1, env=None, check=True, timeout=600, launcher=None):
     """train.py, start to finish (see start_train)."""
-    return finish_train(start_train(*flags, nproc=nproc, env=env), check, timeout)
+    job = start_train(*flags, nproc=nproc, env=env, launcher=launcher)
+    return finish_train(job, check, timeout)
 
 
 def relative_difference(a, b, names=None):
@@ -141,7 +236,9 @@ def demo_csv():
 def demo_run(demo_csv, tmp_path_factory):
     """A tiny model trained for 80 steps on the demo data: a real run folder with checkpoints."""
     run_dir = tmp_path_factory.mktemp("demo_run")
-    run_train("--max-steps", 80, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir)
+    # `python train.py`, as the README's demo runs it.
+    run_train("--max-steps", 80, "--batch-size", 64, "--workers", 0, "--output-dir", run_dir,
+              env={"OMP_NUM_THREADS": "2"}, launcher="command")
     return run_dir
 
 
@@ -157,10 +254,11 @@ def small_csv(demo_csv, tmp_path_factory):
     return path
 
 
-def start_small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None):
+def start_small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None, launcher=None):
     """A few steps of the tiny model on `small_csv`, started; finish_small_run waits for it."""
     job = start_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
-                      "--output-dir", out, "--workers", 0, *flags, nproc=nproc, env=env)
+                      "--output-dir", out, "--workers", 0, *flags, nproc=nproc, env=env,
+                      launcher=launcher)
     return job, out
 
 
@@ -171,10 +269,10 @@ def finish_small_run(started):
     return torch.load(os.path.join(out, "checkpoints", "latest.pt"), weights_only=True)
 
 
-def small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None):
+def small_run(small_csv, demo_csv, out, *flags, nproc=1, env=None, launcher=None):
     """A few steps of the tiny model on `small_csv`; returns the final checkpoint."""
     return finish_small_run(start_small_run(small_csv, demo_csv, out, *flags, nproc=nproc,
-                                            env=env))
+                                            env=env, launcher=launcher))
 
 
 # Each step saved and logged.
@@ -184,6 +282,6 @@ STEPS = ["--batch-size", 8, "--max-steps", 8, "--save-every", 1, "--log-every", 
 @pytest.fixture(scope="session")
 def uninterrupted(small_csv, demo_csv, tmp_path_factory):
     """8 steps on 2 ranks, never interrupted, with STEPS: the run folder and the final checkpoint
-    that interrupted and repeated runs must equal."""
+    that interrupted and repeated runs must equal. Under torchrun, as the killed runs are."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2)
+    return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2, launcher="command")

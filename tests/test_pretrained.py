@@ -378,7 +378,7 @@ def test_one_step_finetune_from_hf_weights_under_torchrun(demo_csv, hf_openai_si
     start = CLIP.from_pretrained(hf_dir)
     run = str(tmp_path / "run")
     run_train("--pretrained", hf_dir, "--tokenizer", tokenizer_dir, "--max-steps", 1,
-              "--batch-size", 4, "--workers", 0, "--output-dir", run, nproc=2)
+              "--batch-size", 4, "--workers", 0, "--output-dir", run, nproc=2, launcher="command")
     tuned = CLIP.from_pretrained(os.path.join(run, "checkpoints", "latest.pt"))
     assert tuned.config == start.config
     # Training began at the published weights, not at a model of the same sizes: one step away

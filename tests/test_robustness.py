@@ -210,9 +210,10 @@ def test_impossible_flags_are_rejected_before_any_work(flags, expected):
 
 @pytest.mark.slow
 def test_a_batch_larger_than_the_data_is_rejected(small_csv, demo_csv, tmp_path):
+    # `python train.py` itself: what a user sees, from the command line.
     result = run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
                        "--batch-size", 32, "--accum-steps", 2, "--output-dir", tmp_path,
-                       check=False)
+                       check=False, launcher="command")
     assert result.returncode == 2
     message = error_line(result)
     assert str(small_csv) in message
