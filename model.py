@@ -85,7 +85,7 @@ OPEN_CLIP_DEFAULTS = {
                  "act_kwargs": None, "norm_kwargs": None, "block_type": None,
                  "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None},
 }
-POOL_TYPES = {"": (), "vision_cfg": ("tok", "avg"), "text_cfg": ("argmax", "first", "last")}
+POOL_TYPES = {"vision_cfg": ("tok", "avg"), "text_cfg": ("argmax", "first", "last")}
 
 
 def open_clip_fields(cfg, source):
@@ -96,7 +96,7 @@ def open_clip_fields(cfg, source):
         values = cfg.get(section, {}) if section else cfg
         for key, value in values.items():
             name = f"{section}.{key}".lstrip(".")
-            if key == "pool_type" and value not in POOL_TYPES[section]:
+            if key == "pool_type" and section in POOL_TYPES and value not in POOL_TYPES[section]:
                 raise UsageError(f"{source}: {name} {value!r} is not built here; "
                                  f"use one of {', '.join(POOL_TYPES[section])}.")
             if key in built:

@@ -298,7 +298,7 @@ REFUSED = [  # (section, key, value): not built here, or not at OpenCLIP's do-no
     ("text_cfg", "output_tokens", True), ("text_cfg", "final_ln_after_pool", True),
     ("text_cfg", "no_causal_mask", True), ("text_cfg", "mlp_ratio", 2.0),
     ("text_cfg", "head_width", 64), ("", "custom_text", True), ("", "init_logit_bias", -10),
-    ("", "multimodal_cfg", {"width": 512}),
+    ("", "multimodal_cfg", {"width": 512}), ("", "pool_type", "avg"),
 ]
 
 
