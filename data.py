@@ -35,10 +35,9 @@ import PIL
 from PIL import Image, features
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from model import CLIP_MEAN, CLIP_STD
 from plumbing import UsageError, atomic_write, file_sha256, run_main, write_json
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics OpenAI CLIP normalised with
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's range of crop aspects (width / height)
 RRC_TRIES = 10  # torchvision's tries at a random crop before its fixed fallback
 

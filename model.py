@@ -24,6 +24,12 @@ from torch.utils.checkpoint import checkpoint
 from plumbing import UsageError, file_sha256, run_main
 
 
+# The pixel statistics OpenAI CLIP normalised its images with, and every CLIP since that loads its
+# weights: data.py normalises with them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass
 class CLIPConfig:
     embed_dim: int = 512          # size of the shared image-text space
@@ -361,6 +367,26 @@ def choose_activation(path, stated, activation):
     return wanted
 
 
+def note_other_pixel_statistics(folder):
+    """Say so when a config beside the weights states other pixel statistics than CLIP_MEAN and
+    CLIP_STD: such weights load, but would see every image normalised otherwise than in their
+    training (zero-shot scores off; fine-tuning adapts)."""
+    stated = {}
+    for name, mean, std in (("open_clip_config.json", "mean", "std"),
+                            ("preprocessor_config.json", "image_mean", "image_std")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = json.load(f)
+            config = config.get("preprocess_cfg", config)  # OpenCLIP's nests it
+            stated.update(mean=config.get(mean), std=config.get(std), path=path)
+    for key, ours in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+        theirs = stated.get(key)
+        if theirs and max(abs(a - b) for a, b in zip(theirs, ours)) > 1e-3:
+            print(f"note: {stated['path']} states pixel {key} {theirs}; data.py normalises with "
+                  f"CLIP's {list(ours)}, so these weights see other inputs than in training.")
+
+
 # OpenAI's ViT CLIPs as published (TorchScript), by the sha256 in their URLs (clip/clip.py).
 OPENAI_JIT_SHA256 = {
     "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af": "ViT-B-32.pt",
@@ -419,6 +445,7 @@ def read_pretrained(path):
     logit_scale = state_dict.get("logit_scale")
     if torch.is_tensor(logit_scale) and logit_scale.numel() == 1:
         state_dict["logit_scale"] = logit_scale.reshape(())  # a scalar here, 1-d in some files
+    note_other_pixel_statistics(os.path.dirname(path))
     try:
         return state_dict, infer_config(state_dict, os.path.dirname(path), hf_names)
     except (KeyError, ValueError, AttributeError) as e:

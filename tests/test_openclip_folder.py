@@ -131,6 +131,23 @@ def test_open_clip_hub_folder_loads_with_the_same_outputs(tmp_path, capsys, weig
     assert tokens[0] == tokenizer.bos_token_id and tokens[3:5] == [tokenizer.eos_token_id, 0]
 
 
+def test_weights_trained_on_other_pixel_statistics_are_said_aloud(tmp_path, capsys):
+    folder = save_hub_folder(tmp_path, random_clip(True), "open_clip_model.safetensors", True)
+    config = open_clip_config(quick_gelu=True)
+    config["preprocess_cfg"]["mean"] = [0.485, 0.456, 0.406]  # ImageNet's, not CLIP's
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    CLIP.from_pretrained(folder)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "open_clip_config.json states pixel mean [0.485" in notes[0]
+    # A HF folder states them in preprocessor_config.json; CLIP's own pass without a word.
+    hf_config = {"image_mean": list(data.CLIP_MEAN), "image_std": [0.229, 0.224, 0.225]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf_config))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(True)))
+    CLIP.from_pretrained(folder)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "preprocessor_config.json states pixel std [0.229" in notes[0]
+
+
 def test_open_clip_options_come_from_its_config(tmp_path):
     options = {"mlp_ratio": 2.0, "ls_init_value": 0.1, "pool_type": "avg", "no_ln_pre": True}
     fields = {"vision_mlp_ratio": 2.0, "vision_ls_init_value": 0.1, "vision_pool_type": "avg",
