@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -37,6 +38,12 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} uses {sorted(trains)}, which train: mark it @pytest.mark.slow")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the forked jobs a failed test left running: Python waits for them before it exits."""
+    for job in list(LIVE_JOBS):
+        job.kill()
+
+
 def start_train(*flags, nproc=1, env=None, launcher=None):
     """Start a training job of `nproc` processes; finish_train waits for it. Several jobs may run
     at once. `launcher`:
@@ -46,7 +53,8 @@ def start_train(*flags, nproc=1, env=None, launcher=None):
       train.main in processes forked from this one, whose imports they share, joined by a real
       gloo group (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun sets them). Only
       with one thread: GNU OpenMP's thread pool does not survive a fork, and a child that asks it
-      for two threads waits forever; nor does a GPU's CUDA.
+      for two threads waits forever; nor does a GPU's CUDA. A usage error exits with status 2
+      on every rank, where torchrun reports 1: a test of that on several ranks is a command.
     """
     # One thread per process, unless `env` says otherwise: a short run is mostly start-up, which a
     # fork saves. A thread count is part of what bit-identity needs; runs compared bit for bit
@@ -59,6 +67,8 @@ def start_train(*flags, nproc=1, env=None, launcher=None):
     output = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
     flags = [str(flag) for flag in flags]
     if launcher == "fork":
+        if env["OMP_NUM_THREADS"] != "1":
+            raise ValueError("a forked job runs one thread per process; use launcher='command'")
         return ForkedJob(flags, nproc, env, output)
     if nproc == 1:
         command = [sys.executable]
@@ -72,16 +82,26 @@ def start_train(*flags, nproc=1, env=None, launcher=None):
     return job
 
 
+PORTS_GIVEN = set()  # the kernel may offer a port it offered a moment ago, still unused
+LIVE_JOBS = set()    # the ForkedJobs not yet waited for to the end
+
+
 def free_port():
-    with contextlib.closing(socket.socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free now that no job of this session has been given before."""
+    while True:
+        with contextlib.closing(socket.socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in PORTS_GIVEN:
+            PORTS_GIVEN.add(port)
+            return port
 
 
 def train_in_fork(rank, world, port, flags, env, output):
     """One rank of a ForkedJob: torchrun's environment, `output` as stdout and stderr, then
     train.main as `python train.py` runs it (a UsageError: one line and exit status 2)."""
     import plumbing
+    import tqdm
     import train
     os.chdir(REPO)
     os.environ.update(env)
@@ -90,6 +110,10 @@ def train_in_fork(rank, world, port, flags, env, output):
                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # tqdm's lock is a semaphore shared with every fork once this process has drawn a bar (or
+    # held by its monitor thread at the fork); a rank killed while it holds it would stop every
+    # later job's bars. Each rank takes a lock of its own.
+    tqdm.tqdm.set_lock(threading.RLock())
     for stream, file in zip((1, 2), output):
         os.dup2(file.fileno(), stream)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -101,12 +125,8 @@ def train_in_fork(rank, world, port, flags, env, output):
 def share_imports():
     """Import here, once, what every forked child would import on its own."""
     import torch._dynamo  # noqa: F401  (DDP imports it on first use)
-    import tqdm
     import train  # noqa: F401  (and through it torch, torchvision, data, model, evaluate)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  (data.py's)
-    # tqdm's monitor thread could hold its lock at the moment of a fork, and the child's bars
-    # would wait for it forever.
-    tqdm.tqdm.monitor_interval = 0
     assert not torch.distributed.is_initialized(), "a child would inherit this process group"
 
 
@@ -125,6 +145,7 @@ class ForkedJob:
                           for rank in range(nproc)]
         for process in self.processes:
             process.start()
+        LIVE_JOBS.add(self)
 
     def wait(self, timeout=None):
         """The job's exit status: the first rank's that failed, else 0. A rank that fails stops
@@ -147,6 +168,7 @@ class ForkedJob:
             if process.is_alive():
                 process.kill()
             process.join()
+        LIVE_JOBS.discard(self)
 
 
 def finish_train(job, check=True, timeout=600):
