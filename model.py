@@ -319,14 +319,26 @@ def hf_to_openai(hf, source):
     return state_dict
 
 
+def mlp_ratio(state_dict, width):
+    """The vision tower's MLP width over its width, such that ResidualAttentionBlock's truncation
+    gives that MLP width back: 4.0 for OpenAI's. 448 x (453 / 448) is 452.99..., so a ratio
+    that misses is nudged up by half a unit of MLP width."""
+    mlp_width = state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    ratio = mlp_width / width
+    if int(width * ratio) != mlp_width:
+        ratio = (mlp_width + 0.5) / width
+    return ratio
+
+
 def infer_config(state_dict, folder, hf_names):
-    """Sizes from the weights' shapes, as OpenAI's build_model does. Heads, activation and
-    OpenCLIP's options, which shapes cannot tell, from a config beside the weights, else OpenAI's
-    64-wide heads and no activation (None: choose_activation decides)."""
+    """Sizes, the vision MLP's included, from the weights' shapes, as OpenAI's build_model does.
+    Heads, activation and OpenCLIP's options, which shapes cannot tell, from a config beside the
+    weights, else OpenAI's 64-wide heads and no activation (None: choose_activation decides)."""
     vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape  # (width, 3, p, p)
     positions = state_dict["visual.positional_embedding"].shape[0]            # 1 + grid*grid
     context_length, text_width = state_dict["positional_embedding"].shape
     fields = dict(
+        vision_mlp_ratio=mlp_ratio(state_dict, vision_width),
         embed_dim=state_dict["text_projection"].shape[1],
         image_size=round((positions - 1) ** 0.5) * patch_size,
         patch_size=patch_size, vision_width=vision_width, context_length=context_length,

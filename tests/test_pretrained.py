@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -263,6 +263,20 @@ def test_openai_named_state_dicts_round_trip(style, hf_openai_sized, inputs, tmp
     model.export_hf(str(tmp_path / "weights.pt"), out_dir)
     exported = transformers.CLIPModel.from_pretrained(out_dir)
     assert_same_weights(exported.state_dict(), hf_model.state_dict())
+
+
+def test_a_vision_mlp_of_another_width_is_read_from_the_shapes(tmp_path):
+    # OpenCLIP's mlp_ratio in a bare state dict, beside no config. 448 x (453 / 448) is 452.99...
+    sizes = {"vision_width": 448, "vision_head_width": 64, "vision_mlp_ratio": 1.0112,
+             "text_heads": 2}
+    torch.manual_seed(0)
+    original = CLIP(replace(model.model_config("tiny"), **sizes)).eval()
+    torch.save(original.state_dict(), tmp_path / "weights.pt")
+    loaded = CLIP.from_pretrained(str(tmp_path / "weights.pt"), activation="gelu")
+    assert loaded.visual.transformer.resblocks[0].mlp.c_fc.out_features == 453
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), original.encode_image(images))
 
 
 def test_open_clip_config_next_to_the_weights_decides_heads_and_activation(hf_clip, tmp_path):
