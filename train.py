@@ -19,7 +19,9 @@ that tells what --local-loss and --gather-with-grad really compute. `main`, at t
 the phases of a run.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -675,7 +677,9 @@ def build_model(args, rows, run_dir, proc, clock):
                              "a Hub folder may hold it beside them).")
     model = None
     if args.pretrained:
-        model = CLIP.from_pretrained(args.pretrained, args.activation).train()
+        notes = sys.stdout if proc.is_main else io.StringIO()  # rank 0 alone prints
+        with contextlib.redirect_stdout(notes):
+            model = CLIP.from_pretrained(args.pretrained, args.activation).train()
         cfg = model.config
     else:
         cfg = model_config(args.model)

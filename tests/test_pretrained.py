@@ -386,6 +386,19 @@ def assert_one_adamw_step_from(start, tuned, lr, wd):
 
 
 @pytest.mark.slow
+def test_notes_on_published_weights_are_printed_once_on_several_ranks(
+        demo_csv, hf_openai_sized, tokenizer_dir, tmp_path):
+    # OpenAI's layout, and no config beside it: the activation is assumed, and said so.
+    weights = str(tmp_path / "openai.pt")
+    torch.save(CLIP.from_pretrained(hf_openai_sized[0]).state_dict(), weights)
+    result = run_train("--pretrained", weights, "--tokenizer", tokenizer_dir, "--max-steps", 1,
+                       "--batch-size", 4, "--workers", 0, "--output-dir", tmp_path / "run",
+                       nproc=2)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "assuming QuickGELU" in notes[0], result.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_one_step_finetune_from_hf_weights_under_torchrun(demo_csv, hf_openai_sized, tokenizer_dir,
                                                           tmp_path):
     hf_dir = hf_openai_sized[0]
