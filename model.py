@@ -457,8 +457,8 @@ def read_pretrained(path):
     logit_scale = state_dict.get("logit_scale")
     if torch.is_tensor(logit_scale) and logit_scale.numel() == 1:
         state_dict["logit_scale"] = logit_scale.reshape(())  # a scalar here, 1-d in some files
-    note_other_pixel_statistics(os.path.dirname(path))
     try:
+        note_other_pixel_statistics(os.path.dirname(path))
         return state_dict, infer_config(state_dict, os.path.dirname(path), hf_names)
     except (KeyError, ValueError, AttributeError) as e:
         raise UsageError(f"{path}: not a ViT CLIP of ours, OpenAI, OpenCLIP or HF "
