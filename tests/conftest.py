@@ -3,6 +3,9 @@
 Two tiers (pytest.ini): tests that launch processes or train carry @pytest.mark.slow, and
 `python -m pytest -q -m "not slow"` runs the rest in about a minute. One exception: the gloo
 process groups of test_loss.py stay in the quick tier, for they are the proof of the loss.
+
+Training jobs of one thread per process fork from the test process, sharing its imports (see
+start_train); those whose launch is the point run as the README's commands, python and torchrun.
 """
 import contextlib
 import math
