@@ -4,7 +4,9 @@ What lives here: reading the CSV (QUILT-1M's layout by default) into rows that f
 workers share, the train and eval transforms, the tokenizer, the sampler that fixes every global
 batch from (seed, epoch), and the DataLoader, whose workers hand over uint8 images that
 `normalize_on_device` turns into the model's input. Not here: the model, the loss or the training
-loop (train.py), and the synthetic demo dataset (`python demo_data.py`).
+loop (train.py), the CSV's byte columns (support/csv_table.py), the reading of one image file
+(support/images.py), the synthetic demo (support/demo_data.py) or the pre-resize below
+(support/resize.py).
 
 One command, run once before training on full-size frames such as QUILT-1M's: a copy of the
 dataset whose images have a short side of 256 pixels (a 1280x720 frame becomes 455x256, 7.9x
@@ -13,76 +15,30 @@ fewer pixels to decode in every epoch); train on the CSV it writes.
         --image-root /data/quilt_1m
     python -m pytest -q tests/test_pipeline.py tests/test_quilt_data.py
 """
-import argparse
 import array
 import collections
-import contextlib
-import csv
-import ctypes
 import functools
 import hashlib
-import json
 import math
-import multiprocessing
 import os
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-import PIL
-from PIL import Image, features
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from model import CLIP_MEAN, CLIP_STD
-from plumbing import UsageError, atomic_write, file_sha256, run_main, write_json
+from support import resize
+from support.csv_table import (Rows, StringColumn, count_duplicates, data_row, open_columns,
+                               open_csv, pixel_count, release_freed_memory)
+from support.errors import UsageError, run_main
+from support.files import atomic_write
+from support.images import BadSampleError, load_rgb, without_pils_pixel_limit
+from support.pretrained import CLIP_MEAN, CLIP_STD
 
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's range of crop aspects (width / height)
 RRC_TRIES = 10  # torchvision's tries at a random crop before its fixed fallback
-
-
-# ----------------------------------------------------------------------------- images
-
-@contextlib.contextmanager
-def without_pils_pixel_limit():
-    """Inside the block, PIL's own decompression-bomb check is off; outside, it is as it was.
-
-    PIL keeps one limit for the whole process (Image.MAX_IMAGE_PIXELS): it warns about larger
-    images and refuses those over twice the limit, when it opens a file and when it crops. We
-    refuse too-large images ourselves, with our own limit (--max-image-pixels, which may be above
-    PIL's), so PIL's check is lifted only around our own reading and cropping, and put back after.
-    (Not thread-safe: images are read by DataLoader worker processes or by the main thread.)"""
-    pils_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = pils_limit
-
-
-def load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_size=None):
-    """Any readable image as 8-bit RGB: grayscale, palette, RGBA (over white), CMYK, 16-bit.
-
-    Decoding happens here, so a truncated file fails here. Images over `max_pixels` are refused
-    from their header, before decoding: a decompression bomb would otherwise fill the memory.
-    With `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, as long as
-    both sides stay >= draft_size: several times faster for large images, and other pixels than a
-    full decode (hence a flag)."""
-    with without_pils_pixel_limit(), Image.open(path) as image:
-        if image.width * image.height > max_pixels:
-            size = f"{image.width}x{image.height}"
-            raise ValueError(f"{size} pixels is over --max-image-pixels {max_pixels}")
-        if draft_size and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        image.load()
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit gray: keep the high byte
-            high_byte = np.asarray(image).astype(np.uint32) >> 8  # (dividing, not clipping)
-            image = Image.fromarray(high_byte.astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            white = Image.new("RGBA", image.size, "white")
-            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-        return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -259,104 +215,7 @@ def tokenize(tokenizer, texts, context_length):
     return tokens
 
 
-# ----------------------------------------------------------------------------- the CSV as bytes
-
-# A list of a million (path, caption) tuples is three million Python objects, each with a
-# reference count. A DataLoader worker is a fork of the trainer, so it starts by sharing the
-# trainer's pages; but reading a row through a tuple writes the tuple's and the strings' counts
-# (and the garbage collector writes every tuple's header), so page after page is copied into the
-# worker: after an epoch each of 8 workers x 8 GPUs holds its own copy of the table (PyTorch
-# issue 13246). Here a column of strings is one numpy buffer of UTF-8 bytes and one array of
-# offsets: a few objects in all, and reading a row writes nothing, so every worker keeps sharing.
-
-class StringColumn:
-    """Strings in one uint8 buffer of their UTF-8 bytes, string i being
-    buffer[offsets[i]:offsets[i + 1]]. Built by `append`, then `freeze` moves it into numpy."""
-
-    def __init__(self):
-        self.buffer = bytearray()
-        self.offsets = array.array("q", [0])
-
-    def append(self, text):
-        self.buffer += text.encode("utf-8")
-        self.offsets.append(len(self.buffer))
-
-    def freeze(self):
-        """Views of the bytes built so far as numpy arrays (no copy: the peak stays one table)."""
-        self.buffer = np.frombuffer(self.buffer, dtype=np.uint8)
-        self.offsets = np.frombuffer(self.offsets, dtype=np.int64)
-        return self
-
-    @property
-    def nbytes(self):
-        return len(self.buffer) + 8 * len(self.offsets)
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index):
-        index = range(len(self))[index]  # negative indices count from the end, as in a list
-        start = self.offsets[index]
-        end = self.offsets[index + 1]
-        # A new str each time: nothing of the column is written, so its pages stay shared.
-        return bytes(self.buffer[start:end]).decode("utf-8")
-
-    def __iter__(self):
-        for index in range(len(self)):
-            yield self[index]
-
-
-class Rows:
-    """(image path, caption) pairs held as two StringColumns: rows[i] is a fresh tuple.
-    numbers[i] is row i's number among the CSV's data rows, which messages name: with a split
-    filtered out, it is not i + 1."""
-
-    def __init__(self, paths, captions, numbers):
-        self.paths = paths
-        self.captions = captions
-        self.numbers = numbers
-
-    @property
-    def nbytes(self):
-        return self.paths.nbytes + self.captions.nbytes
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return self.paths[index], self.captions[index]
-
-    def __iter__(self):
-        return zip(self.paths, self.captions)
-
-
-def count_duplicates(hashes):
-    """Rows whose (path, caption) hash another row has: no set of a million tuples needed.
-
-    Python's hash of a str is salted per process, which is fine for a count made in one. Two
-    different pairs share a 64-bit hash with a chance of about 3e-8 among a million rows."""
-    return len(hashes) - len(np.unique(np.frombuffer(hashes, dtype=np.int64)))
-
-
-def release_freed_memory():
-    """Hand the memory that reading freed back to the kernel (glibc only; elsewhere nothing).
-
-    The columns grow by reallocation, leaving holes in the heap as large as the table; they stay
-    resident, and a forked worker's first allocations land in them and copy those pages. glibc's
-    malloc_trim(0) returns every free page of the heap, holes included."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # no libc.so.6, or one without malloc_trim
-        pass
-
-
 # ----------------------------------------------------------------------------- the CSV
-
-# QUILT-1M's quilt_1M_lookup.csv: a pandas index column with an empty name, then these twelve.
-# read_csv_table's defaults (image_path, caption, split, width, height) are its columns.
-QUILT_COLUMNS = ["", "caption", "image_path", "subset", "split", "pathology", "roi_text",
-                 "noisy_text", "corrected_text", "med_umls_ids", "magnification", "height",
-                 "width"]
 
 
 def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
@@ -364,41 +223,6 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
     separator follows the extension (.tsv tab, else comma)."""
     rows, _, _ = read_csv_table(path, img_key, caption_key, separator, split_value="all")
     return list(rows)
-
-
-def pixel_count(text):
-    """A width or height from the CSV ('1280' or '1280.0'); 0 when blank or not a number."""
-    try:
-        return max(0, min(int(float(text)), 2**31 - 1))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def open_columns(path, columns, img_key, caption_key):
-    """The CSV's column names (its header), once the two we need are known to be there."""
-    for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-        if key not in columns:
-            if len(columns) == 1:
-                fix = f"{flag} or --csv-separator (only one column was found)."
-            else:
-                fix = f"{flag}."
-            raise UsageError(f"{path}: no column '{key}'; columns are {columns}. Pass {fix}")
-    return columns
-
-
-@contextlib.contextmanager
-def open_csv(path, separator=None, name="--train-data"):
-    """A csv.reader over the CSV/TSV file at `path`, for the block; a missing or empty file is a
-    UsageError naming it as `name`. The separator follows the extension: .tsv tab, else comma."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{name} {path}: no such file.")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"{name} {path}: the file is empty.")
-    if not separator:
-        separator = "\t" if path.endswith(".tsv") else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
-        # csv.reader's lists, not DictReader's dicts: a third of the time on a million rows.
-        yield csv.reader(f, delimiter=separator)
 
 
 def read_csv_table(path, img_key="image_path", caption_key="caption", separator=None,
@@ -459,38 +283,7 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     return rows, size_array, split_filter
 
 
-def data_row(rows, index):
-    """The number, among the CSV's data rows, of rows[index] (Rows, or a plain list of pairs)."""
-    numbers = getattr(rows, "numbers", None)
-    if numbers is None:
-        return index + 1
-    return int(numbers[index])
-
-
-def leaves_root(path):
-    """Whether an image path may point outside the folder it is relative to: absolute, or any
-    '..'. The check reads the path's text, not the file system, so a dataset folder symlinked to
-    another disk works; '..' is refused anywhere, because 'slides/../x' leaves the root when
-    slides is such a symlink."""
-    return os.path.isabs(path) or ".." in path.replace("\\", "/").split("/")
-
-
-def check_paths(paths, image_root, csv_path, allow_absolute, numbers=None):
-    """Refuse image paths that may leave --image-root: a CSV is data, not a key."""
-    if allow_absolute:
-        return
-    for index, path in enumerate(paths):
-        if leaves_root(path):
-            number = index + 1 if numbers is None else numbers[index]
-            raise UsageError(f"{csv_path}: data row {number}: image path {path!r} may point "
-                             f"outside --image-root {image_root}. Fix the row, or pass "
-                             "--allow-absolute-paths if you trust the CSV.")
-
-
 # ----------------------------------------------------------------------------- the CSV dataset
-
-class BadSampleError(Exception):
-    """An image or caption that cannot be used."""
 
 
 class BadSample:
@@ -643,231 +436,11 @@ def make_train_loader(dataset, sampler, workers, seed, pin_memory):
                       collate_fn=collate_pairs, generator=generator)
 
 
-# ----------------------------------------------------------------------------- resizing, once
-
-# Fixed, so that the same source gives the same bytes (with the same Pillow and libjpeg).
-JPEG_QUALITY = 95
-JPEG_SUBSAMPLING = "4:4:4"  # no chroma subsampling: the stains' colours keep every pixel
-
-
-def resized_name(path):
-    """Where the copy of the image at `path` goes, relative to OUT_DIR: images/PATH, with '.jpg'
-    added unless PATH ends in .jpg or .jpeg (so that x.png and x.jpg never share a copy)."""
-    if not path.lower().endswith((".jpg", ".jpeg")):
-        path += ".jpg"
-    return "images/" + path
-
-
-def resize_image(source, target, short_side, max_pixels):
-    """Write the image at `source` to `target` as a JPEG whose shorter side is `short_side`
-    (never enlarged; the aspect kept), unless `target` is there already; return its size.
-
-    A file under its final name is whole: atomic_write renames it there when complete."""
-    if os.path.exists(target):
-        with Image.open(target) as done:
-            return done.size
-    try:
-        image = load_rgb(source, max_pixels)
-    except (OSError, SyntaxError, ValueError) as e:  # missing, cut short, not an image, too big
-        raise BadSampleError(f"unreadable image: {e}") from None
-    scale = min(1.0, short_side / min(image.size))
-    size = (round(image.width * scale), round(image.height * scale))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-    save = functools.partial(image.save, format="JPEG", quality=JPEG_QUALITY,
-                             subsampling=JPEG_SUBSAMPLING)
-    atomic_write(target, save)
-    return size
-
-
-class RowResizer(NamedTuple):
-    """A pool worker's task: resize the image of one data row, and point the row at the copy.
-    A NamedTuple, so that it pickles and travels with each chunk of rows."""
-    source_csv: str
-    image_root: str
-    out_dir: str
-    short_side: int
-    max_pixels: int
-    img_at: int    # the position of the image path among a row's fields
-    size_at: list  # the positions of width and height, if the CSV has both columns
-
-    def __call__(self, job):
-        """(number, fields) -> (number, fields of the copy, None or what is wrong)."""
-        number, fields = job
-        path = fields[self.img_at]
-        if leaves_root(path):
-            raise UsageError(f"{self.source_csv}: data row {number}: image path {path!r} is "
-                             "absolute or has '..', so its copy has no place under OUT_DIR/"
-                             "images. Make the row's path relative to --image-root.")
-        fields[self.img_at] = resized_name(path)
-        source = os.path.join(self.image_root, path)
-        target = os.path.join(self.out_dir, fields[self.img_at])
-        try:
-            size = resize_image(source, target, self.short_side, self.max_pixels)
-        except BadSampleError as e:
-            return number, fields, f"data row {number} ({path}): {e}"
-        for position, pixels in zip(self.size_at, size):
-            fields[position] = str(pixels)
-        return number, fields, None
-
-
-def check_out_dir(out_dir, image_root, csv_folder):
-    """Refuse an OUT_DIR that is, holds or lies in a folder of the source: its copies could
-    overwrite the originals, or mix with them."""
-    out = os.path.realpath(out_dir)
-    for name, folder in (("SRC_CSV's folder", csv_folder), ("--image-root", image_root)):
-        folder = os.path.realpath(folder)
-        if os.path.commonpath([out, folder]) in (out, folder):
-            raise UsageError(f"OUT_DIR {out_dir} overlaps {name} {folder}, so the copies could "
-                             "overwrite the source. Pass an OUT_DIR outside it.")
-
-
-RESIZE_RECORD = "resize.json"  # in OUT_DIR, beside the CSV: how its images were made
-
-
-def read_resize_record(folder):
-    """The resize.json in `folder` as a dict, or None where there is none."""
-    path = os.path.join(folder, RESIZE_RECORD)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def start_or_resume(out_dir, settings):
-    """Start OUT_DIR with resize.json recording `settings`, or resume the resize it holds if that
-    had the same settings (after deleting the temporary files a killed run left)."""
-    record = read_resize_record(out_dir)
-    if record is not None:
-        differences = [f"{key} {record.get(key)!r} there, {value!r} here"
-                       for key, value in settings.items() if record.get(key) != value]
-        if differences:
-            raise UsageError(f"OUT_DIR {out_dir} holds another resize: {'; '.join(differences)}. "
-                             "Pass a new OUT_DIR, or delete that one.")
-        for folder, _, names in os.walk(out_dir):
-            for name in names:
-                if name.rpartition(".tmp")[2].isdigit():  # atomic_write's NAME.tmp<pid>
-                    os.remove(os.path.join(folder, name))
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UsageError(f"OUT_DIR {out_dir} is not empty and holds no resize.json. Pass a new "
-                         "or empty folder.")
-    else:
-        write_json(os.path.join(out_dir, RESIZE_RECORD), settings)
-
-
-def resize_settings(args, image_root):
-    """What decides the copies' bytes, and where they come from: OUT_DIR/resize.json."""
-    return {"source_csv": os.path.abspath(args.source_csv),
-            "source_sha256": file_sha256(args.source_csv),
-            "image_root": os.path.abspath(image_root),
-            "short_side": args.short_side,
-            "filter": "bicubic, reducing_gap=None",  # resize_image's: one pass of BICUBIC
-            "jpeg_quality": JPEG_QUALITY,
-            "jpeg_subsampling": JPEG_SUBSAMPLING,
-            "pillow": PIL.__version__,
-            "libjpeg": features.version("jpg"),
-            "libjpeg_turbo": features.version("libjpeg_turbo")}  # None: another libjpeg
-
-
-def resize_record(csv_path):
-    """The resize.json that `python data.py resize` wrote next to `csv_path`, or None: how the
-    images were made, and from what, for the manifest."""
-    return read_resize_record(os.path.dirname(os.path.abspath(csv_path)))
-
-
-def numbered_rows(reader, width):
-    """(number, fields) of the CSV's data rows, numbered from 1 as messages name them: blank
-    lines skipped and short rows padded with blank fields, as read_csv_table reads them."""
-    number = 0
-    for fields in reader:
-        if fields:
-            number += 1
-            yield number, fields + [""] * (width - len(fields))
-
-
-def resize_dataset(args):
-    """`python data.py resize`: OUT_DIR/images/ gets a copy of every row's image whose shorter
-    side is --short-side pixels, and OUT_DIR/<SRC_CSV's name> the source's columns and rows,
-    the same but for the image path (images/PATH, '.jpg' added unless PATH is a .jpg or .jpeg)
-    and, where the CSV has them, the width and height.
-
-    Deterministic: fixed filter and JPEG settings, so the same source gives the same bytes
-    whatever --workers. Resumable: every file is written under a temporary name and renamed, so
-    a rerun after a kill skips the copies that are there. OUT_DIR/resize.json records the
-    settings, and a rerun with others is refused. An unreadable image stops the run, naming its
-    data row; with --skip-bad its row is kept, pointing at no image, and counted in resize.json
-    (train.py's --bad-samples skip leaves such rows out)."""
-    for flag, value in (("--short-side", args.short_side), ("--workers", args.workers)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: pass a number of at least 1.")
-    source = args.source_csv
-    csv_folder = os.path.dirname(os.path.abspath(source))
-    image_root = args.image_root or csv_folder
-    check_out_dir(args.out_dir, image_root, csv_folder)
-    tally = {"rows": 0, "bad_rows": 0}
-    with open_csv(source, args.csv_separator, "SRC_CSV") as reader:
-        columns = open_columns(source, next(reader, []), args.csv_img_key, args.csv_caption_key)
-        settings = resize_settings(args, image_root)
-        start_or_resume(args.out_dir, settings)
-        has_sizes = "width" in columns and "height" in columns
-        size_at = [columns.index(key) for key in ("width", "height") if has_sizes]
-        resizer = RowResizer(source, image_root, args.out_dir, args.short_side,
-                             args.max_image_pixels, columns.index(args.csv_img_key), size_at)
-
-        def write_rows(tmp):  # the rows stream from the reader, through the workers, to tmp
-            with (open(tmp, "w", newline="", encoding="utf-8") as out,
-                  multiprocessing.Pool(args.workers) as pool):
-                writer = csv.writer(out, delimiter=reader.dialect.delimiter, lineterminator="\n")
-                writer.writerow(columns)
-                jobs = numbered_rows(reader, len(columns))
-                # imap, not imap_unordered: the rows come back in the CSV's order.
-                for number, fields, problem in pool.imap(resizer, jobs, chunksize=16):
-                    if problem and not args.skip_bad:
-                        raise UsageError(f"{source}: {problem}. Fix or remove the row, or pass "
-                                         "--skip-bad to keep it, pointing at no image.")
-                    if problem:
-                        print(f"warning: {source}: {problem}; kept, pointing at no image")
-                        tally["bad_rows"] += 1
-                    writer.writerow(fields)
-                    tally["rows"] = number
-                    if number % 10_000 == 0:
-                        print(f"{number:,} rows", flush=True)
-
-        out_csv = os.path.join(args.out_dir, os.path.basename(source))
-        atomic_write(out_csv, write_rows)
-    write_json(os.path.join(args.out_dir, RESIZE_RECORD), {**settings, **tally})
-    print(f"{out_csv}: {tally['rows']:,} rows ({tally['bad_rows']:,} bad), their images in "
-          f"{os.path.join(args.out_dir, 'images')}. Train with --train-data {out_csv}.")
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tools for the training data.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    resize = commands.add_parser(
-        "resize", help="copy a dataset with every image's shorter side --short-side pixels")
-    add = resize.add_argument
-    add("source_csv", metavar="SRC_CSV", help="the dataset's CSV/TSV of image paths and captions")
-    add("out_dir", metavar="OUT_DIR",
-        help="a new folder, outside the source's: OUT_DIR/<SRC_CSV's name>, OUT_DIR/images/")
-    add("--short-side", type=int, default=256,
-        help="the copies' shorter side in pixels; smaller images keep their size")
-    add("--image-root",
-        help="folder the CSV's image paths are relative to (default: the CSV's folder)")
-    add("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
-    add("--csv-caption-key", default="caption", help="caption column")
-    add("--csv-separator", help="default: tab for .tsv, comma otherwise")
-    add("--workers", type=int, default=os.cpu_count() or 1,
-        help="processes resizing images (default: one per core; the bytes do not depend on it)")
-    add("--max-image-pixels", type=int, default=89_478_485,
-        help="refuse larger images (decompression bombs)")
-    add("--skip-bad", action="store_true",
-        help="keep a row whose image cannot be read, pointing at no image, instead of stopping")
-    return parser.parse_args(argv)
-
+# ----------------------------------------------------------------------------- the command
 
 def main(argv=None):
-    args = parse_args(argv)
-    resize_dataset(args)
+    """`python data.py resize ...`: see support/resize.py."""
+    resize.main(argv)
 
 
 if __name__ == "__main__":

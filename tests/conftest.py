@@ -103,9 +103,9 @@ def free_port():
 def train_in_fork(rank, world, port, flags, env, output):
     """One rank of a ForkedJob: torchrun's environment, `output` as stdout and stderr, then
     train.main as `python train.py` runs it (a UsageError: one line and exit status 2)."""
-    import plumbing
     import tqdm
     import train
+    from support import errors
     os.chdir(REPO)
     os.environ.update(env)
     if world > 1:
@@ -122,7 +122,7 @@ def train_in_fork(rank, world, port, flags, env, output):
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [os.path.join(REPO, "train.py"), *flags]
-    plumbing.run_main(lambda: train.main(flags))
+    errors.run_main(lambda: train.main(flags))
 
 
 def share_imports():
@@ -253,7 +253,7 @@ def wait_for_exit(job, timeout, log):
 
 @pytest.fixture(scope="session")
 def demo_csv():
-    import demo_data
+    from support import demo_data
     return demo_data.ensure_demo_data()
 
 
@@ -310,3 +310,9 @@ def uninterrupted(small_csv, demo_csv, tmp_path_factory):
     that interrupted and repeated runs must equal. Under torchrun, as the killed runs are."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     return run_dir, small_run(small_csv, demo_csv, run_dir, *STEPS, nproc=2, launcher="command")
+
+
+def export_hf(checkpoint, out_dir):
+    """`python model.py --export-hf CHECKPOINT OUT_DIR`, in this process."""
+    import model
+    model.main(["--export-hf", checkpoint, out_dir])

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import demo_data
+from support import demo_data
 import train
 from model import CLIP, CLIPConfig, model_config
 
@@ -146,8 +146,9 @@ def test_ddp_mode_times_the_tree_hook_against_ddps_all_reduce(capsys):
     assert abs(100 * (tree / plain - 1) - cost) < 0.2, line  # the ms are printed rounded
 
 KEEP_FREED_MEMORY_PROBE = """
-import resource, sys, torch, plumbing
-kept = plumbing.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
+import resource, sys, torch
+from support import machine
+kept = machine.keep_freed_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
 faults = []
 for step in range(30):  # a "step" allocates a 64 MiB activation, writes it and frees it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

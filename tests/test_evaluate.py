@@ -1,4 +1,4 @@
-"""evaluate.py and the layouts demo_data.py reads: the released dataset layouts, the metrics,
+"""evaluate.py and the layouts support/image_sets.py reads: the released dataset layouts, the metrics,
 zero-shot and the probe on a demo run, and the multi-seed table. Real files in tmp_path: JPEG
 folder trees, HDF5 files, run folders with manifests."""
 import json
@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import demo_data
 import evaluate
-from plumbing import UsageError
+from support.errors import UsageError
+from support import image_sets
+from support.study import METRICS
 
 LC25000_FOLDERS = {"lung_image_sets": ["lung_aca", "lung_n", "lung_scc"],
                    "colon_image_sets": ["colon_aca", "colon_n"]}
@@ -48,11 +49,11 @@ def write_pcam(root, split, labels):
 
 def test_lc25000_top_folder_and_subfolder_give_the_same_labelled_images(tmp_path):
     colours = write_lc25000(tmp_path / "lung_colon_image_set")
-    for task, subfolder in demo_data.LC25000_SUBFOLDER.items():
+    for task, subfolder in image_sets.LC25000_SUBFOLDER.items():
         folders = list(evaluate.TASKS[task])
         top = str(tmp_path / "lung_colon_image_set")
-        from_top = demo_data.load_dataset(task, top, folders)
-        from_sub = demo_data.load_dataset(task, os.path.join(top, subfolder), folders)
+        from_top = image_sets.load_dataset(task, top, folders)
+        from_sub = image_sets.load_dataset(task, os.path.join(top, subfolder), folders)
         assert from_top.samples == from_sub.samples
         assert from_top.fingerprint == from_sub.fingerprint
         assert len(from_top) == 4 * len(evaluate.TASKS[task])
@@ -82,7 +83,7 @@ def test_image_folder_labels_follow_the_classnames_mapping_not_sort_order(tmp_pa
     args = evaluate.parse_args(["--checkpoint", "x.pt", "--dataset", f"mine={tmp_path}",
                                 "--classnames", f"mine={tmp_path / 'names.json'}"])
     tasks, datasets = evaluate.task_definitions(args)
-    dataset = demo_data.load_dataset("mine", datasets["mine"], tasks["mine"])
+    dataset = image_sets.load_dataset("mine", datasets["mine"], tasks["mine"])
     # "normal" sorts first, but the mapping puts "tumor" first
     for path, label in dataset.samples:
         folder = os.path.basename(os.path.dirname(path))
@@ -93,7 +94,7 @@ def test_image_folder_labels_follow_the_classnames_mapping_not_sort_order(tmp_pa
 def test_pcam_hdf5_is_read_patch_by_patch_with_the_right_labels(tmp_path):
     labels = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1]
     write_pcam(tmp_path, "test", labels)
-    dataset = demo_data.PcamDataset(str(tmp_path), "test")
+    dataset = image_sets.PcamDataset(str(tmp_path), "test")
     assert dataset.labels.tolist() == labels and len(dataset) == 10
     for i in (0, 3, 9):
         image, label = dataset[i]
@@ -251,8 +252,8 @@ def test_multi_seed_table_groups_runs_by_manifest_and_uses_sample_std(tmp_path, 
         for task in datasets:
             value = scores[os.path.abspath(checkpoint)][task]
             result["datasets"][task] = {
-                "zero_shot": {m: value for m in evaluate.METRICS},
-                "linear_probe": {m: value + 0.05 for m in evaluate.METRICS}}
+                "zero_shot": {m: value for m in METRICS},
+                "linear_probe": {m: value + 0.05 for m in METRICS}}
         return result
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
     output = tmp_path / "study" / "results.json"

@@ -8,7 +8,7 @@ import torch
 
 import data
 from model import CLIP, Attention, model_config
-from plumbing import UsageError
+from support.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ import transformers
 
 import data
 import model
+from conftest import export_hf
 from model import CLIP, CLIPConfig, model_config
-from plumbing import UsageError
+from support.errors import UsageError
 
 # ----------------------------------------------------------------------------- initialisation
 
@@ -532,7 +533,7 @@ def test_export_with_a_tokenizer_smaller_than_the_vocabulary_pools_at_its_end_of
     ours = CLIP(cfg).eval()
     checkpoint = str(run / "checkpoints" / "step_0.pt")
     torch.save({"model": ours.state_dict(), "config": asdict(cfg), "step": 0}, checkpoint)
-    model.export_hf(checkpoint, str(tmp_path / "hf"))
+    export_hf(checkpoint, str(tmp_path / "hf"))
     exported = transformers.CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
     text_config = exported.config.text_config
     assert text_config.eos_token_id == tokenizer.eos_token_id < cfg.vocab_size - 1
@@ -549,4 +550,4 @@ def test_export_refuses_what_hf_clipmodel_cannot_hold(tmp_path):
     checkpoint = str(tmp_path / "weights.pt")
     torch.save({"model": CLIP(cfg).state_dict(), "config": asdict(cfg)}, checkpoint)
     with pytest.raises(UsageError, match="vision_pool_type, text_proj_bias"):
-        model.export_hf(checkpoint, str(tmp_path / "hf"))
+        export_hf(checkpoint, str(tmp_path / "hf"))

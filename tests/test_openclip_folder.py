@@ -22,7 +22,8 @@ from tokenizers import pre_tokenizers
 import data
 import train
 from model import CLIP, CLIPConfig
-from plumbing import Process, UsageError
+from support.distributed import Process
+from support.errors import UsageError
 
 # 16-wide vision heads and 2 text heads: sizes that only the config can tell (OpenAI's are 64).
 CFG = CLIPConfig(embed_dim=24, image_size=32, patch_size=8, vision_width=64, vision_layers=2,

@@ -17,8 +17,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
-from plumbing import UsageError
+from support.resize import resize_record
+from support.errors import UsageError
 from test_quilt_data import FixedTokenizer, quilt_row, write_quilt
+from support import csv_table
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU: CUDA's division by a number is the risk"))]
@@ -115,7 +117,7 @@ def test_the_copies_have_short_side_256_and_the_csv_changes_only_path_and_size(q
     csv_path, out_dir = quilt
     header, *rows = read_rows(csv_path)
     copy_header, *copies = read_rows(out_dir / "quilt.csv")
-    assert copy_header == header == data.QUILT_COLUMNS  # the nameless index column too
+    assert copy_header == header == csv_table.QUILT_COLUMNS  # the nameless index column too
     assert len(copies) == len(rows) == 20
     changed = {header.index(key) for key in ("image_path", "width", "height")}
     for row, copy in zip(rows, copies):
@@ -130,10 +132,10 @@ def test_the_copies_have_short_side_256_and_the_csv_changes_only_path_and_size(q
         source_height = int(row[header.index("height")])
         assert min(width, height) == 256
         assert abs(width - source_width * 256 / source_height) <= 1  # the aspect, to a pixel
-    record = data.resize_record(out_dir / "quilt.csv")
+    record = resize_record(out_dir / "quilt.csv")
     assert record["short_side"] == 256 and record["rows"] == 20 and record["bad_rows"] == 0
     assert record["source_sha256"] == hashlib.sha256(open(csv_path, "rb").read()).hexdigest()
-    assert data.resize_record(csv_path) is None  # the source was not resized
+    assert resize_record(csv_path) is None  # the source was not resized
 
 
 def test_the_same_source_gives_the_same_bytes_whatever_the_workers(quilt, tmp_path):
@@ -186,7 +188,7 @@ def test_an_unreadable_image_names_its_row_or_is_kept_and_counted_with_skip_bad(
     resize(csv_path, tmp_path / "out", "--short-side", 32, "--skip-bad")
     assert len(read_rows(tmp_path / "out/quilt.csv")) == 4  # the header and every row
     assert not os.path.exists(tmp_path / "out/images/frames/001.jpg")
-    assert data.resize_record(tmp_path / "out/quilt.csv")["bad_rows"] == 1
+    assert resize_record(tmp_path / "out/quilt.csv")["bad_rows"] == 1
 
 
 def test_an_image_path_that_leaves_the_root_is_refused_with_its_row(tmp_path):

@@ -24,8 +24,10 @@ from tokenizers import pre_tokenizers
 import data
 import model
 from conftest import REPO, relative_difference, run_train
-from model import CLIP, OPENAI_JIT_SHA256
-from plumbing import UsageError
+from conftest import export_hf
+from model import CLIP
+from support.pretrained import OPENAI_JIT_SHA256
+from support.errors import UsageError
 
 CONTEXT_LENGTH = 24
 CAPTIONS = ["the thin man", "An H&E stained section of colon adenocarcinoma.", "tumour"]
@@ -187,7 +189,7 @@ def export_run_checkpoint(hf_folder, tokenizer_dir, tmp_path, export):
 def test_export_hf_round_trip_is_exact(hf_clip, inputs, tokenizer_dir, tmp_path):
     folder, hf_model = hf_clip
     ours, exported, out_dir = export_run_checkpoint(folder, tokenizer_dir, tmp_path,
-                                                    model.export_hf)
+                                                    export_hf)
     # HF -> ours -> HF changes no bit
     assert_same_weights(exported.state_dict(), hf_model.state_dict())
     assert_same_outputs(ours, exported, inputs)
@@ -260,7 +262,7 @@ def test_openai_named_state_dicts_round_trip(style, hf_openai_sized, inputs, tmp
     assert_same_outputs(ours, hf_model, inputs)
     # ... and on to Hugging Face again.
     out_dir = str(tmp_path / "hf_again")
-    model.export_hf(str(tmp_path / "weights.pt"), out_dir)
+    export_hf(str(tmp_path / "weights.pt"), out_dir)
     exported = transformers.CLIPModel.from_pretrained(out_dir)
     assert_same_weights(exported.state_dict(), hf_model.state_dict())
 

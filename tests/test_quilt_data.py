@@ -14,9 +14,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-import bench
 import data
-from plumbing import UsageError
+from support.errors import UsageError
+from support import bench_data, csv_table
 
 FRAME_SIZES = [(160, 90), (128, 72), (64, 36), (96, 72), (48, 36)]  # three 16:9, two 4:3
 WIDE = (9 / 16, 16 / 9)
@@ -31,7 +31,7 @@ def quilt_row(index, split, width, height):
             "med_umls_ids": "[]", "magnification": 1, "height": height, "width": width}
 
 
-def write_quilt(folder, rows, columns=data.QUILT_COLUMNS):
+def write_quilt(folder, rows, columns=csv_table.QUILT_COLUMNS):
     """The CSV with `columns` (QUILT's by default) and a real JPEG of each row's size."""
     (folder / "frames").mkdir(exist_ok=True)
     for row in rows:
@@ -91,7 +91,7 @@ def test_messages_name_the_csvs_own_row_when_a_split_is_filtered_out(quilt, tmp_
     assert rows.numbers.tolist() == train  # kept row i is the CSV's data row numbers[i]
     last = len(rows) - 1
     paths = [*list(rows.paths)[:-1], "../outside.jpg"]
-    message = one_line(data.check_paths, paths, str(tmp_path), path, False, rows.numbers)
+    message = one_line(csv_table.check_paths, paths, str(tmp_path), path, False, rows.numbers)
     assert f"data row {train[-1]}: " in message
     (tmp_path / rows[last][0]).unlink()  # the last train row's image goes missing
     dataset = data.CsvDataset(rows, str(tmp_path), None, 32, 12, 0.8, 0)
@@ -232,10 +232,10 @@ def test_jpeg_draft_keeps_the_narrowest_crop_of_the_ratio_at_image_size():
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PSS is read from Linux's /proc")
 def test_a_forked_worker_that_reads_every_row_does_not_copy_the_table(tmp_path):
-    path = bench.write_quilt_shaped_csv(str(tmp_path / "quilt.csv"), 200_000)
+    path = bench_data.write_quilt_shaped_csv(str(tmp_path / "quilt.csv"), 200_000)
     rows, _, _ = data.read_csv_table(path)
-    [(before, after)] = bench.epoch_in_workers(rows, workers=1)
+    [(before, after)] = bench_data.epoch_in_workers(rows, workers=1)
     assert after - before < 0.05 * rows.nbytes  # measured: 0.3 MiB of a 48 MiB table
     # The measure sees a copy: the same rows as a list of tuples are copied into the worker.
-    [(before, after)] = bench.epoch_in_workers(list(rows), workers=1)
+    [(before, after)] = bench_data.epoch_in_workers(list(rows), workers=1)
     assert after - before > 0.5 * rows.nbytes

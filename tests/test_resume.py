@@ -9,7 +9,8 @@ import torch
 
 import train
 from conftest import run_train, small_run
-from plumbing import UsageError
+from support.errors import UsageError
+from support import run_folder
 
 FP32 = ["--precision", "fp32", "--lr", "1e-3", "--warmup", 2, "--max-steps", 6, "--save-every", 3]
 
@@ -20,15 +21,15 @@ def identity(**changes):
                               save_every=3)
     data = train.TrainData(rows=[("a.jpg", "a")] * 48, samples=list(range(48)),
                            split_filter={}, sha256="0" * 64, crop_fallback=None)
-    result = train.run_identity(args, schedule, data)
+    result = run_folder.run_identity(args, schedule, data)
     result.update(changes)
     return result
 
 
 def test_a_checkpoint_of_the_same_run_resumes_and_of_another_is_refused_naming_both_values():
-    train.check_same_run({"run_identity": identity()}, identity(), "step_3.pt")
+    run_folder.check_same_run({"run_identity": identity()}, identity(), "step_3.pt")
     with pytest.raises(UsageError) as error:
-        train.check_same_run({"run_identity": identity()},
+        run_folder.check_same_run({"run_identity": identity()},
                              identity(**{"--lr": 1e-3, "global batch": 8}), "step_3.pt")
     message = str(error.value)
     assert "step_3.pt" in message and "\n" not in message

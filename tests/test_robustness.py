@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 import data
-import plumbing
 import train
 from conftest import (REPO, STEPS, finish_train, kill_job, run_train, small_run, start_train,
                       wait_for_exit, wait_until)
-from plumbing import UsageError
+from support.errors import UsageError
+from support import csv_table, distributed, files, run_folder
 
 
 def one_line_exit(call, *args, **kwargs):
@@ -88,11 +88,11 @@ def test_image_paths_outside_the_image_root_are_refused(tmp_path):
     for bad in bad_paths:
         rows = [("ok.jpg", "fine"), ("slides/a.jpg", "symlinked, fine"), (bad, "sneaky")]
         paths = [path for path, _ in rows]
-        message = one_line_exit(data.check_paths, paths, root, "pairs.csv",
+        message = one_line_exit(csv_table.check_paths, paths, root, "pairs.csv",
                                 allow_absolute=False)
         assert "pairs.csv: data row 3: " in message and repr(bad) in message
         assert "--allow-absolute-paths" in message
-    data.check_paths(["/abs/ok.jpg"], root, "pairs.csv", allow_absolute=True)
+    csv_table.check_paths(["/abs/ok.jpg"], root, "pairs.csv", allow_absolute=True)
 
 
 # ----------------------------------------------------------------------------- images
@@ -223,11 +223,11 @@ def test_a_batch_larger_than_the_data_is_rejected(small_csv, demo_csv, tmp_path)
 # ----------------------------------------------------------------------------- faults
 
 SLOW_WRITER = """
-import sys, time; sys.path.insert(0, {repo!r}); import plumbing
+import sys, time; sys.path.insert(0, {repo!r}); from support import files
 def slow(tmp):
     open(tmp, "wb").write(b"half a checkpoint")
     print("writing", flush=True); time.sleep(60)
-plumbing.atomic_write({target!r}, slow)"""
+files.atomic_write({target!r}, slow)"""
 
 
 @pytest.mark.slow
@@ -243,13 +243,13 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
     # And a killed run's half-written tokenizer folder.
     (tmp_path / "tokenizer.tmp123").mkdir()
     (tmp_path / "tokenizer.tmp123" / "vocab.json").write_text("{")
-    plumbing.remove_leftovers(tmp_path)  # what the next run does first
+    run_folder.remove_leftovers(tmp_path)  # what the next run does first
     assert sorted(os.listdir(tmp_path)) == ["step_2.pt"]
     os.makedirs(tmp_path / "run" / "checkpoints")
     os.replace(target, tmp_path / "run" / "checkpoints" / "step_2.pt")
     damaged = tmp_path / "run" / "checkpoints" / "step_3.pt"
     damaged.write_bytes(b"garbage from a dying disk")
-    path, checkpoint = train.find_resume_checkpoint(str(tmp_path / "run"))
+    path, checkpoint = run_folder.find_resume_checkpoint(str(tmp_path / "run"))
     assert path.endswith("step_2.pt") and checkpoint == {"step": 2}
 
 
@@ -269,9 +269,9 @@ def half_a_tokenizer(tmp):
 
 def test_a_full_disk_gives_a_clear_message_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "checkpoints")
-    train.save_checkpoint(str(tmp_path), {"step": 1})
+    run_folder.save_checkpoint(str(tmp_path), {"step": 1})
     monkeypatch.setattr(torch, "save", disk_full)
-    message = one_line_exit(train.save_checkpoint, str(tmp_path), {"step": 2})
+    message = one_line_exit(run_folder.save_checkpoint, str(tmp_path), {"step": 2})
     assert "No space left on device" in message and "choose another output folder" in message
     monkeypatch.undo()
     latest = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
@@ -280,7 +280,7 @@ def test_a_full_disk_gives_a_clear_message_and_keeps_the_old_checkpoint(tmp_path
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest.pt", "step_1.pt"]
     # Folders too (RUN/tokenizer): none half-written, no temp folder left.
     tokenizer = str(tmp_path / "tokenizer")
-    message = one_line_exit(plumbing.atomic_write, tokenizer, half_a_tokenizer)
+    message = one_line_exit(files.atomic_write, tokenizer, half_a_tokenizer)
     assert "No space left on device" in message
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
@@ -289,7 +289,7 @@ def test_an_unwritable_output_dir_is_refused(tmp_path):
     (tmp_path / "a_file").write_text("")
     run_dir = str(tmp_path / "a_file" / "run")
     args = train.parse_args(["--output-dir", run_dir])
-    message = one_line_exit(train.make_run_dir, args)
+    message = one_line_exit(run_folder.make_run_dir, args)
     assert run_dir in message and "cannot create it" in message
 
 
@@ -444,7 +444,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(
     First on one node, then on two (two torchrun agents on this machine, one rank each, as
     README's multi-node command with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). On one node
     torchrun's store outlives the restart and still holds the dead group's gloo addresses;
-    unless each attempt keys its process group apart (plumbing.setup_distributed), the new ranks
+    unless each attempt keys its process group apart (distributed.setup_distributed), the new ranks
     read them and either dial a dead port or wait on each other forever inside
     init_process_group.
     """
@@ -477,18 +477,18 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_bit_identically(
 def test_restarts_on_several_nodes_sharing_torchruns_store_are_refused_before_they_could_hang(
         monkeypatch):
     """Each node counts its own restarts, so per-attempt keys only agree on one node
-    (plumbing.setup_distributed)."""
+    (distributed.setup_distributed)."""
     environment = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=16, GROUP_WORLD_SIZE=2,
                        TORCHELASTIC_MAX_RESTARTS=3, TORCHELASTIC_USE_AGENT_STORE=True,
                        TORCHELASTIC_RESTART_COUNT=0)
     for name, value in environment.items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(plumbing.setup_distributed)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in one_line_exit(distributed.setup_distributed)
     # No restarts, nothing to hang: torchrun's defaults work.
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     with pytest.raises(ValueError, match="MASTER_ADDR"):  # past the check, at the rendezvous
-        plumbing.setup_distributed()
+        distributed.setup_distributed()
 
 
 def newest_step(folder):
@@ -551,7 +551,8 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": RunsCode(marker)}, evil)  # a real pickle that would run a shell command
-    from model import CLIP, read_weights_file
+    from model import CLIP
+    from support.pretrained import read_weights_file
     # What --resume, --pretrained and evaluate.py use.
     for read in (read_weights_file, CLIP.from_pretrained):
         message = one_line_exit(read, str(evil))

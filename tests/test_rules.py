@@ -39,8 +39,15 @@ def field(section, name):
 
 
 def python_files():
-    """The project's top-level modules: the files RULE markers belong in."""
-    return sorted(glob.glob(os.path.join(REPO, "*.py")))
+    """The project's modules, the lessons and commands on top and the parts in support/: the
+    files RULE markers belong in."""
+    return sorted(glob.glob(os.path.join(REPO, "*.py")) +
+                  glob.glob(os.path.join(REPO, "support", "*.py")))
+
+
+def module_name(path):
+    """'train' for REPO/train.py, 'support.run_folder' for REPO/support/run_folder.py."""
+    return os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
 
 
 def definitions(path):
@@ -80,7 +87,7 @@ def markers():
     for path in python_files():
         text = read(path)
         tree = ast.parse(text)
-        module = os.path.basename(path)[:-3]
+        module = module_name(path)
         for number, line in enumerate(text.splitlines(), start=1):
             for match in MARKER.finditer(line):
                 where = innermost_definition(tree, number)
@@ -89,13 +96,17 @@ def markers():
 
 
 def code_names(section):
-    """The (module, name) pairs a **Code.** line cites, e.g. ('train', 'seed_everything')."""
-    modules = {os.path.basename(path)[:-3] for path in python_files()}
+    """The (module, name) pairs a **Code.** line cites, e.g. ('train', 'seed_everything') or
+    ('support.run_folder', 'rng_states')."""
+    modules = {module_name(path) for path in python_files()}
     cited = []
     for dotted in CODE_NAME.findall(field(section, "Code") or ""):
-        module, name = dotted.split(".", 1)
-        if module in modules:
-            cited.append((module, name))
+        parts = dotted.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest module the name starts with
+            module = ".".join(parts[:cut])
+            if module in modules:
+                cited.append((module, ".".join(parts[cut:])))
+                break
     return cited
 
 
@@ -106,7 +117,7 @@ def test_rules_are_numbered_one_to_n():
 def test_every_rule_has_a_marker_in_the_code():
     marked = {rule for _, _, rule, _ in markers()}
     missing = sorted(set(rule_sections()) - marked)
-    assert not missing, f"rules with no '# RULE n:' comment in the top-level .py files: {missing}"
+    assert not missing, f"rules with no '# RULE n:' comment in the project's .py files: {missing}"
 
 
 def test_every_marker_names_an_existing_rule():
@@ -114,7 +125,7 @@ def test_every_marker_names_an_existing_rule():
     stray = []
     for module, line, rule, _ in markers():
         if rule not in rules:
-            stray.append(f"{module}.py:{line} RULE {rule}")
+            stray.append(f"{module}:{line} RULE {rule}")
     assert not stray, f"markers naming no rule of RULES.md: {stray}"
 
 
@@ -142,7 +153,7 @@ def test_every_function_named_on_a_code_line_exists():
     for number, section in rule_sections().items():
         assert code_names(section), f"rule {number}: its **Code.** line names no module.function"
         for module, name in code_names(section):
-            defined = definitions(f"{module}.py")
+            defined = definitions(module.replace(".", os.sep) + ".py")
             assert name in defined, f"rule {number}: {module}.{name} does not exist"
 
 
@@ -154,12 +165,12 @@ def test_every_marker_sits_in_a_function_its_rule_names():
             continue  # reported by test_every_marker_names_an_existing_rule
         cited = {f"{m}.{name}" for m, name in code_names(sections[rule])}
         if where is None:
-            unnamed.append(f"{module}.py:{line} RULE {rule} at module level")
+            unnamed.append(f"{module}:{line} RULE {rule} at module level")
             continue
         # A class named on the Code line covers the markers in its methods.
         places = {f"{module}.{where}", f"{module}.{where.split('.')[0]}"}
         if not places & cited:
-            unnamed.append(f"{module}.py:{line} RULE {rule} in {module}.{where}")
+            unnamed.append(f"{module}:{line} RULE {rule} in {module}.{where}")
     assert not unnamed, f"markers whose place is not on their rule's **Code.** line: {unnamed}"
 
 

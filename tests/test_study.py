@@ -14,6 +14,7 @@ import scipy.stats
 from PIL import Image
 
 import evaluate
+from support import study
 
 H100 = {"type": "cuda", "torch_threads": 8, "cpu": "x86_64", "gpus": ["NVIDIA H100"]}
 A100 = {"type": "cuda", "torch_threads": 8, "cpu": "x86_64", "gpus": ["NVIDIA A100"]}
@@ -54,8 +55,8 @@ def run_study(tmp_path, monkeypatch, runs, figure=None):
 
     def fake_evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
         score = scores[os.path.abspath(checkpoint)]
-        zero_shot = {metric: score for metric in evaluate.METRICS}
-        probe = {metric: score + 0.05 for metric in evaluate.METRICS}
+        zero_shot = {metric: score for metric in study.METRICS}
+        probe = {metric: score + 0.05 for metric in study.METRICS}
         methods = {"zero_shot": zero_shot, "linear_probe": probe}
         return {**request, "datasets": {task: methods for task in datasets}}
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
@@ -114,7 +115,7 @@ def test_hardware_that_differs_inside_a_configuration_is_shown(tmp_path, monkeyp
 def test_welch_interval_matches_scipy_and_a_large_difference_is_beyond_seed_noise():
     a = [0.80, 0.82, 0.84]
     b = [0.90, 0.93, 0.91, 0.95]
-    found = evaluate.compare({"values": a}, {"values": b})
+    found = study.compare({"values": a}, {"values": b})
     expected = scipy.stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
     assert found["interval"] == pytest.approx([expected.low, expected.high], abs=1e-12)
     assert found["difference"] == pytest.approx(np.mean(b) - np.mean(a))
@@ -124,7 +125,7 @@ def test_welch_interval_matches_scipy_and_a_large_difference_is_beyond_seed_nois
 
 
 def test_a_difference_smaller_than_the_seed_noise_is_not_flagged():
-    found = evaluate.compare({"values": [0.80, 0.86, 0.83]}, {"values": [0.81, 0.85, 0.84]})
+    found = study.compare({"values": [0.80, 0.86, 0.83]}, {"values": [0.81, 0.85, 0.84]})
     low, high = found["interval"]
     assert low < 0 < high and found["beyond_seed_noise"] is False
     assert found["seeds_needed"] > 100  # 0.003 against a spread of 0.02: hopeless with 3 seeds
@@ -132,9 +133,9 @@ def test_a_difference_smaller_than_the_seed_noise_is_not_flagged():
 
 def test_seeds_needed_is_the_two_sample_t_test_power_calculation():
     # Cohen's table (two-sided alpha 0.05, power 0.8): d = 0.5 needs 64 per group, d = 0.8 26.
-    assert evaluate.seeds_needed(0.05, 0.1) == 64
-    assert evaluate.seeds_needed(-0.08, 0.1) == 26
-    assert evaluate.seeds_needed(0.0, 0.1) is None
+    assert study.seeds_needed(0.05, 0.1) == 64
+    assert study.seeds_needed(-0.08, 0.1) == 26
+    assert study.seeds_needed(0.0, 0.1) is None
 
 
 def test_fewer_than_two_seeds_on_a_side_gives_no_interval(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,91 @@
+"""bench.py's stopwatch and meters: step times with the device synchronised, the peak matmul
+rate MFU is measured against, peak memory, the device's name."""
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+def time_steps(step, warmup, steps, device):
+    """Call step() warmup + steps times; the seconds of each timed call, the device synchronised
+    around it (no running ahead into the next step: slightly pessimistic for tiny models)."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_meter(device, dtype, size):
+    """A function repeats -> the device's achievable FLOP/s now: the fastest of `repeats` (size x
+    size) matmuls in this dtype. Called at the start, after every synthetic step and at the end; its
+    matrices live only during the call, adding nothing to the memory the steps are charged with."""
+    def peak_now(repeats):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        return 2 * size ** 3 / min(time_steps(lambda: a @ b, 1, repeats, device))
+    return peak_now
+
+
+def peak_rss_mib():
+    """The process's peak resident memory so far; ru_maxrss is in KiB on Linux, bytes on macOS."""
+    unit = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+
+
+def peak_memory_mib(device):
+    """CUDA's max allocated since reset_peak_memory_stats; on the CPU, the peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def measure(name, step, args, flops, peak, device, peak_now=None):
+    """Time `step` (median of --steps after --warmup) and print the figures; returns samples/s and
+    the MFU beside each step (None without `peak_now`).
+
+    MFU is model FLOP/s over `peak`, measured at the start. A shared machine's speed drifts (its
+    matmul peak can double within seconds), so `peak_now`, if given, times a peak matmul right
+    after each step, under the same conditions; the median of these ratios is printed too. Only for
+    the synthetic steps: in the real pipeline, workers would prepare batches off the clock."""
+    time_steps(step, args.warmup, 0, device)  # warm-up only
+    times = []
+    mfus_now = []
+    memory = 0
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times += time_steps(step, 0, 1, device)
+        memory = max(memory, peak_memory_mib(device))
+        if peak_now is not None:
+            mfus_now.append(flops / times[-1] / peak_now(1))
+    step_time = statistics.median(times)
+    samples_per_s = args.batch_size / step_time
+    mfu = flops / step_time / peak
+    mfu_now = statistics.median(mfus_now) if mfus_now else None
+    beside = f", {100 * mfu_now:.1f}% of the peak after each step" if mfu_now is not None else ""
+    memory_kind = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
+    print(f"{name}: step {1e3 * step_time:.1f} ms (median of {len(times)}; "
+          f"min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}), "
+          f"{samples_per_s:.1f} samples/s, {flops / step_time / 1e9:.1f} GFLOP/s of model FLOPs "
+          f"= {100 * mfu:.1f}% MFU of the start peak{beside}, "
+          f"peak memory {memory:.0f} MiB ({memory_kind})")
+    return samples_per_s, mfu_now

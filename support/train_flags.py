@@ -1,0 +1,123 @@
+"""train.py's flags, OpenCLIP's names where OpenCLIP has the setting, each default with its
+reason; and the checks that refuse a value that cannot work before anything runs."""
+import argparse
+import os
+
+from data import RRC_RATIO
+from support.errors import UsageError
+
+def add_data_flags(add):
+    """The training data: where it is, which rows train, how images are read and cropped."""
+    add("--train-data", help="CSV/TSV of image paths and captions (default: the demo dataset)")
+    add("--image-root",
+        help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    add("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
+    add("--csv-caption-key", default="caption", help="caption column")
+    add("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    add("--csv-split-key", default="split",
+        help="column naming each row's split (QUILT-1M's); without it, every row is used")
+    add("--train-split", default="train",
+        help="train only on rows whose --csv-split-key is this value; 'all': every row")
+    add("--workers", type=int, default=2,
+        help="data-loader processes per rank (results do not depend on it)")
+    add("--rrc-scale", type=float, default=0.8,
+        help="RandomResizedCrop lower scale; RULE 5: 0.7-0.8")
+    add("--rrc-ratio", type=float, nargs=2, default=list(RRC_RATIO), metavar=("LO", "HI"),
+        help="RandomResizedCrop's range of crop aspects (width/height); see the fallback share "
+             "printed at start: 16:9 frames need a wider range or a lower --rrc-scale")
+    add("--bad-samples", choices=["error", "skip"], default="error",
+        help="an unreadable image or empty caption stops the run (error) "
+             "or is left out, decided before training (skip)")
+    add("--check-data", action="store_true",
+        help="read every image once before training and list the bad rows")
+    add("--max-image-pixels", type=int, default=89_478_485,
+        help="refuse larger images (decompression bombs)")
+    add("--allow-absolute-paths", action="store_true",
+        help="let CSV image paths leave --image-root")
+    add("--jpeg-draft", action="store_true",
+        help="decode large JPEGs at a reduced scale: a faster loader, other pixels")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add_data_flags(add)
+    add("--model", default="tiny",
+        help="tiny, ViT-B-32, ViT-B-16, or an OpenCLIP model-config JSON")
+    add("--tokenizer", help="local HF tokenizer folder (default: train a BPE on the captions)")
+    add("--pretrained",
+        help="start from these weights: ours, OpenAI, OpenCLIP or a HF CLIPModel folder")
+    add("--activation", choices=["quick_gelu", "gelu"],
+        help="--pretrained's activation (default: its config's; none there: QuickGELU, noted)")
+    add("--batch-size", type=int, default=64,
+        help="per process; global batch = this x world size x accum-steps")
+    add("--accum-steps", type=int, default=1,
+        help="micro-batches per step, with the contrastive loss over all")
+    add("--epochs", type=int, default=16, help="the demo default: a few minutes on 2 CPU cores")
+    add("--max-steps", type=int, help="stop after this many optimizer steps")
+    add("--lr", type=float, default=5e-4,
+        help="OpenCLIP's ViT default; RULE 6: stay at or above 5e-5")
+    add("--wd", type=float, default=0.2,
+        help="AdamW weight decay, not applied to gains, biases, logit_scale")
+    add("--warmup", type=int,
+        help="linear warm-up steps (default: 10%% of the run, at most 10000)")
+    add("--beta1", type=float, default=0.9)
+    add("--beta2", type=float, default=0.98)
+    add("--eps", type=float, default=1e-6)
+    add("--grad-clip-norm", type=float)
+    add("--precision", choices=["fp32", "bf16"],
+        help="bf16 = autocast, weights stay fp32 "
+             "(default: bf16 where the hardware has it natively, else fp32)")
+    add("--seed", type=int, default=0)
+    # RULE 4: the global loss with gradient through the gather by default: the exact gradient.
+    add("--local-loss", action=argparse.BooleanOptionalAction, default=False)
+    add("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True)
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+        help="deterministic kernels (RULE 7); --no-deterministic trades them for speed")
+    add("--grad-checkpointing", action="store_true",
+        help="recompute activations in backward to save memory")
+    add("--output-dir", help="run folder (default: runs/<model>-seed<seed>-<time>)")
+    add("--save-every", type=int, help="checkpoint every N steps (default: once per epoch)")
+    add("--log-every", type=int, default=10)
+    add("--resume", help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
+    add("--compile", action="store_true",
+        help="torch.compile the model (see docs/performance.md for what it gains)")
+    add("--skip-nonfinite", type=int, default=0,
+        help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
+    args = parser.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+def check_flags(args):
+    """Refuse, in one line, a flag value that cannot work; warn about those the study advises
+    against."""
+    checks = [
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+        (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
+        (0 < args.rrc_ratio[0] <= args.rrc_ratio[1], "--rrc-ratio LO HI needs 0 < LO <= HI"),
+        (args.lr > 0, "--lr must be positive"),
+        (args.workers >= 0, "--workers cannot be negative"),
+        (args.resume != "auto" or args.output_dir,
+         "--resume auto needs the --output-dir of the run"),
+        (args.pretrained or not args.activation, "--activation applies to --pretrained weights; "
+         "for --model, set quick_gelu in an OpenCLIP model-config JSON"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{message}.")
+    # RULE 6: a warning, not an error: fine-tuning may still want a smaller learning rate.
+    if args.lr < 5e-5:
+        print(f"warning: --lr {args.lr} is below 5e-5, which the study found degrades every "
+              "dataset (RULE 6).")
+    if args.local_loss and not args.gather_with_grad:
+        print("warning: --local-loss without --gather-with-grad optimises a biased objective "
+              "(see contrastive_loss).")
+
+
+def image_root(args):
+    """The folder the CSV's image paths are relative to: --image-root, else the CSV's own."""
+    return args.image_root or os.path.dirname(os.path.abspath(args.train_data))
