@@ -226,14 +226,15 @@ def read_csv(path, img_key="image_path", caption_key="caption", separator=None):
 
 
 def read_csv_table(path, img_key="image_path", caption_key="caption", separator=None,
-                   split_key="split", split_value="train", size_keys=("width", "height")):
+                   split_key=None, split_value="train", size_keys=("width", "height")):
     """(rows, sizes, split_filter): the rows to train on as Rows of (image path, caption); their
     (width, height) as an int32 array (0 where blank; None when the CSV lacks `size_keys`); and
     a dict of the filter: column, value, whether the column exists, rows in the CSV, rows kept.
 
     QUILT-1M's CSV holds train and val rows side by side, told apart by its `split` column. With
     that column, only rows whose value is `split_value` are kept ('all' keeps every row), so the
-    held-out rows are never trained on silently; without it, every row is kept."""
+    held-out rows are never trained on silently; without it, every row is kept. `split_key`
+    names another column, which must then exist: a typo must not train on held-out rows."""
     paths = StringColumn()
     captions = StringColumn()
     hashes = array.array("q")  # of (path, caption), to count duplicates
@@ -241,7 +242,8 @@ def read_csv_table(path, img_key="image_path", caption_key="caption", separator=
     numbers = array.array("i")  # of the kept rows among the CSV's data rows, from 1
     values_seen = collections.Counter()
     with open_csv(path, separator) as reader:
-        columns = open_columns(path, next(reader, []), img_key, caption_key)
+        columns = open_columns(path, next(reader, []), img_key, caption_key, split_key)
+        split_key = split_key or "split"
         # A row's fields by position; the split's is the padding "" without the column.
         img_at = columns.index(img_key)
         caption_at = columns.index(caption_key)

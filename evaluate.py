@@ -287,7 +287,7 @@ def key_value(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint",
                        help="a checkpoint file, e.g. runs/RUN/checkpoints/latest.pt")

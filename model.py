@@ -301,7 +301,8 @@ class CLIP(nn.Module):
 def main(argv=None):
     from support.hf_export import export_hf  # here: `import model` needs no data.py
     parser = argparse.ArgumentParser(
-        description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel folder.")
+        description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel folder.",
+        allow_abbrev=False)
     parser.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True)
     checkpoint, out_dir = parser.parse_args(argv).export_hf
     export_hf(CLIP.from_pretrained(checkpoint), checkpoint, out_dir)

@@ -38,13 +38,14 @@ import data
 import evaluate
 from model import CLIP, model_config
 from support import demo_data, distributed, run_folder
+from support.csv_table import Rows, check_paths
 from support.data_checks import report_crop_fallback, report_split, usable_samples
 from support.errors import UsageError, run_main
 from support.files import atomic_write, file_sha256, weights_sha256, write_json
 from support.machine import default_precision, keep_freed_memory
 from support.manifest import write_manifest
 from support.pretrained import read_weights_file, run_tokenizer_folder
-from support.train_flags import image_root, parse_args
+from support.train_flags import continue_recorded_run, given_flags, image_root, parse_args
 from support.training_log import Log, NonFiniteLoss
 from support.tree_all_reduce import tree_all_reduce_hook, world_size_guarantee
 
@@ -341,7 +342,7 @@ class Stopwatch:
 
 class TrainData(NamedTuple):
     """The CSV's training rows (its --train-split) and what is known of them before training."""
-    rows: data.Rows      # (image path, caption) of the rows the split keeps
+    rows: Rows           # (image path, caption) of the rows the split keeps
     samples: np.ndarray   # indices into rows of those to train on: all, or all but the bad ones
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
@@ -360,7 +361,7 @@ def prepare_data(args, run_dir, proc, clock):
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
-    data.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
+    check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
                      rows.numbers)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
@@ -449,20 +450,29 @@ def make_schedule(args, usable, world):
     return Schedule(global_batch, steps_per_epoch, total_steps, warmup, save_every)
 
 
-def resume_or_start(args, run_dir, model, optimizer, identity, proc):
-    """(first step, steps skipped so far, resumed?): from --resume's checkpoint, else from 0."""
+def find_resume_point(args, proc):
+    """(path, checkpoint) that --resume names, loaded on every rank; None where there is none
+    (no --resume, or --resume auto in a folder without a checkpoint: a fresh start)."""
+    if not args.resume:
+        return None
     path = args.resume
     checkpoint = None
     if args.resume == "auto":
         if proc.is_main:
-            path, checkpoint = run_folder.find_resume_checkpoint(run_dir)
+            path, checkpoint = run_folder.find_resume_checkpoint(args.output_dir)
         # RULE 8: rank 0 chooses and every rank loads that one, so ranks with node-local disks or
         # a stale network-filesystem cache never start from different checkpoints.
         path = distributed.gather_objects(path)[0]
     if path and checkpoint is None:
         checkpoint = read_weights_file(path)
-    if not checkpoint:
-        return 0, [], False
+    return (path, checkpoint) if checkpoint else None
+
+
+def resume_or_start(resume_point, model, optimizer, identity, proc):
+    """(first step, steps skipped so far): from the checkpoint of find_resume_point, else 0."""
+    if not resume_point:
+        return 0, []
+    path, checkpoint = resume_point
     run_folder.check_same_run(checkpoint, identity, path)
     start_step = checkpoint["step"]
     skipped = checkpoint["skipped_steps"]
@@ -471,9 +481,10 @@ def resume_or_start(args, run_dir, model, optimizer, identity, proc):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     run_folder.set_rng_states(checkpoint["rng"])
+    checkpoint.clear()  # its tensors are copied: free them (~1.8 GB for ViT-B-32 with AdamW)
     if proc.is_main:
         print(f"resuming from {path} at step {start_step}")
-    return start_step, skipped, True
+    return start_step, skipped
 
 
 def distribute(model, args, world):
@@ -558,24 +569,19 @@ def finish(args, model, tokenizer, manifest, skipped, started, run_dir, device):
     """Rank 0's: fingerprint the final weights, close the manifest, and score the demo."""
     sha = weights_sha256(model.state_dict())
     print(f"final weights sha256 {sha}")
-    manifest.update({"final_weights_sha256": sha, "finished": datetime.datetime.now().isoformat(),
-                     "wall_time_s": round(time.time() - started, 1),
+    finished = datetime.datetime.now().isoformat()
+    manifest.update({"final_weights_sha256": sha, "finished": finished,
                      "skipped_nonfinite_steps": skipped})
+    manifest["history"][-1].update(finished=finished, to_step=manifest["total_steps"],
+                                   wall_time_s=round(time.time() - started, 1))
     demo_csv = os.path.join(demo_data.DEMO_DIR, "train.csv")
     if os.path.abspath(args.train_data) == os.path.abspath(demo_csv):
         manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
     write_json(os.path.join(run_dir, "manifest.json"), manifest)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.time()
-    proc = distributed.setup_distributed()
-    seed_everything(args.seed, args.deterministic)
-    keep_freed_memory(proc.device)
-    args.precision = args.precision or default_precision(proc.device)
-
-    run_dir = run_folder.make_run_dir(args)
+def run(args, run_dir, proc, resume_point, started):
+    """The phases of a run, in a run folder this job holds."""
     if proc.is_main:
         run_folder.remove_leftovers(run_dir)  # of writes a killed run left midway
     clock = Stopwatch()
@@ -583,8 +589,7 @@ def main(argv=None):
     tokenizer, model, optimizer = build_model(args, train_data.rows, run_dir, proc, clock)
     schedule = make_schedule(args, len(train_data.samples), proc.world)
     identity = run_folder.run_identity(args, schedule, train_data)
-    start_step, skipped, resumed = resume_or_start(args, run_dir, model, optimizer, identity,
-                                                   proc)
+    start_step, skipped = resume_or_start(resume_point, model, optimizer, identity, proc)
     ddp_model = distribute(model, args, proc.world)
     loader = make_loader(args, train_data, tokenizer, model.config, schedule, start_step, proc)
     clock.lap("resume and loader")
@@ -592,7 +597,7 @@ def main(argv=None):
         phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items())
         print(f"start-up: {phases}")
         manifest = write_manifest(args, run_dir, proc, schedule, model.config, tokenizer,
-                                  train_data, resumed, clock.seconds)
+                                  train_data, start_step, clock.seconds)
         # Lines a killed run wrote after its last checkpoint are redone.
         run_folder.keep_log_until(os.path.join(run_dir, "log.jsonl"), start_step)
         print(f"run folder {run_dir}: {len(train_data.samples)} pairs, {proc.world} process(es) x "
@@ -609,6 +614,24 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    proc = distributed.setup_distributed()
+    # A resume continues the run its checkpoint recorded, with that run's flags.
+    resume_point = find_resume_point(args, proc)
+    if resume_point:
+        path, checkpoint = resume_point
+        args = continue_recorded_run(args, given_flags(argv), checkpoint.get("args", {}), path)
+    seed_everything(args.seed, args.deterministic)
+    keep_freed_memory(proc.device)
+    args.precision = args.precision or default_precision(proc.device)
+
+    run_dir = run_folder.make_run_dir(args)
+    with run_folder.hold_run_folder(run_dir, proc):  # one job per run folder
+        return run(args, run_dir, proc, resume_point, started)
 
 
 if __name__ == "__main__":

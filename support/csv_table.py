@@ -116,10 +116,12 @@ def pixel_count(text):
         return 0
 
 
-def open_columns(path, columns, img_key, caption_key):
-    """The CSV's column names (its header), once the two we need are known to be there."""
-    for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-        if key not in columns:
+def open_columns(path, columns, img_key, caption_key, split_key=None):
+    """The CSV's column names (its header), once the ones we need are known to be there."""
+    needed = ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key"),
+              (split_key, "--csv-split-key"))
+    for key, flag in needed:
+        if key is not None and key not in columns:
             if len(columns) == 1:
                 fix = f"{flag} or --csv-separator (only one column was found)."
             else:

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 import data
+from support.csv_table import data_row
 from support.distributed import gather_objects
 from support.errors import UsageError
 from support.files import write_json
@@ -23,15 +24,19 @@ def usable_samples(args, rows, run_dir, proc):
     bad = {}
     for part in gather_objects(found):
         bad.update(part)
+    listed = os.path.join(run_dir, "bad_samples.json")
     if proc.is_main:
-        listing = {f"data row {data.data_row(rows, i)}": bad[i] for i in sorted(bad)}
-        write_json(os.path.join(run_dir, "bad_samples.json"), listing)
+        listing = {f"data row {data_row(rows, i)}": bad[i] for i in sorted(bad)}
+        write_json(listed, listing)
+        if args.bad_samples == "skip":
+            print(f"--bad-samples skip: {len(bad):,} of {len(rows):,} rows left out, "
+                  f"listed in {listed}")
     if bad and args.bad_samples == "error":
         first = min(bad)
         raise UsageError(f"{args.train_data}: {len(bad)} bad rows; data row "
-                         f"{data.data_row(rows, first)} "
-                         f"({rows[first][0]}): {bad[first]}. All are in {run_dir}/"
-                         "bad_samples.json: fix them or pass --bad-samples skip.")
+                         f"{data_row(rows, first)} "
+                         f"({rows[first][0]}): {bad[first]}. All are in {listed}: fix them or "
+                         "pass --bad-samples skip.")
     return np.delete(np.arange(len(rows)), sorted(bad))
 
 

@@ -1,8 +1,11 @@
 """RUN/manifest.json: everything that could change a result (RULE 9), for a paper to cite and a
-reader to check."""
+reader to check. Its top level is the run as its first invocation started it; `history` holds
+every invocation, the first and each resume (when, where, how many processes, from which step,
+with which libraries), so that no resume rewrites what came before."""
 import datetime
 import json
 import os
+import socket
 import sys
 
 import torch
@@ -10,19 +13,14 @@ import torch
 import data
 from support.files import write_json
 from support.machine import environment
+from support.resize import resize_record
 from support.tree_all_reduce import world_size_guarantee
 
-def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, resumed,
-                   startup_seconds):
-    """manifest.json; returned, for `finish` to complete. A resumed run keeps its start time."""
-    # RULE 9: the manifest records everything that could change a result: every resolved flag,
-    # the data, the tokenizer, the determinism settings, the libraries and the machine.
-    path = os.path.join(run_dir, "manifest.json")
-    manifest = {}
-    if resumed and os.path.exists(path):
-        manifest = json.load(open(path))
+
+def run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data):
+    """What the run is: its resolved flags, schedule, data, tokenizer and determinism."""
     tokenizer_path = args.tokenizer or os.path.join(run_dir, "tokenizer")
-    manifest.update({
+    return {
         "args": vars(args), "command": " ".join(sys.argv), "model_config": vars(cfg),
         "seed": args.seed, "world_size": proc.world,
         "global_batch_size": schedule.global_batch, "steps_per_epoch": schedule.steps_per_epoch,
@@ -33,7 +31,7 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
                        "sha256": train_data.sha256,
-                       "resized": data.resize_record(args.train_data)},
+                       "resized": resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
         "determinism": {"deterministic": args.deterministic,
@@ -41,9 +39,53 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                         "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "world_size_guarantee": world_size_guarantee(args, proc.world),
-        **environment(proc.device),
-        "startup_seconds": startup_seconds,
-        "started": manifest.get("started", datetime.datetime.now().isoformat()),
-    })
+    }
+
+
+def invocation_record(args, proc, start_step, startup_seconds):
+    """This invocation: when, where, on how many processes, from which step, with what."""
+    return {"started": datetime.datetime.now().isoformat(), "command": " ".join(sys.argv),
+            "host": socket.gethostname(), "world_size": proc.world,
+            "batch_size": args.batch_size, "accum_steps": args.accum_steps,
+            "from_step": start_step, **environment(proc.device),
+            "startup_seconds": startup_seconds}
+
+
+def environment_changes(first, now):
+    """'versions.torch 2.14.1 there, 2.15.0 here', ...: where this invocation's libraries,
+    code or hardware differ from the run's first (threads per process included)."""
+    changes = []
+    for section in ("versions", "git", "device"):
+        for key in sorted(set(first.get(section, {})) | set(now[section])):
+            there = first.get(section, {}).get(key)
+            here = now[section].get(key)
+            if there != here:
+                changes.append(f"{section}.{key} {there!r} there, {here!r} here")
+    return changes
+
+
+def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, start_step,
+                   startup_seconds):
+    """manifest.json at the start of an invocation; returned, for `finish` to complete.
+    A resume appends to the history of the manifest it finds and changes nothing else."""
+    # RULE 9: the manifest records everything that could change a result: every resolved flag,
+    # the data, the tokenizer, the determinism settings, the libraries and the machine.
+    path = os.path.join(run_dir, "manifest.json")
+    invocation = invocation_record(args, proc, start_step, startup_seconds)
+    manifest = None
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+    if manifest is None:  # a new run (or one whose manifest was lost): the first record
+        manifest = {**run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data),
+                    **environment(proc.device), "startup_seconds": startup_seconds,
+                    "started": invocation["started"], "history": []}
+    changes = environment_changes(manifest, invocation)
+    if changes and manifest["history"]:
+        print(f"note: this resume runs on other libraries, code or hardware than the run "
+              f"started on: {'; '.join(changes)}. Bits may differ from an uninterrupted run "
+              "(RULE 3); the manifest's history records it.")
+        invocation["differs_from_start"] = changes
+    manifest.setdefault("history", []).append(invocation)
     write_json(path, manifest)
     return manifest

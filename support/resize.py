@@ -108,16 +108,30 @@ def read_resize_record(folder):
         return json.load(f)
 
 
+def copies_written(out_dir):
+    """Whether any image copy is in OUT_DIR/images (temporary files of a killed write aside)."""
+    for _, _, names in os.walk(os.path.join(out_dir, "images")):
+        if any(not name.rpartition(".tmp")[2].isdigit() for name in names):
+            return True
+    return False
+
+
 def start_or_resume(out_dir, settings):
     """Start OUT_DIR with resize.json recording `settings`, or resume the resize it holds if that
-    had the same settings (after deleting the temporary files a killed run left)."""
+    had the same settings (after deleting the temporary files a killed run left). A record under
+    which no copy was written (a resize that failed at once, say on a wrong --image-root) is
+    replaced: it made nothing that the corrected command could mix with."""
     record = read_resize_record(out_dir)
     if record is not None:
         differences = [f"{key} {record.get(key)!r} there, {value!r} here"
                        for key, value in settings.items() if record.get(key) != value]
-        if differences:
+        if differences and copies_written(out_dir):
             raise UsageError(f"OUT_DIR {out_dir} holds another resize: {'; '.join(differences)}. "
                              "Pass a new OUT_DIR, or delete that one.")
+        if differences:
+            print(f"note: OUT_DIR {out_dir} holds a resize that wrote no image "
+                  f"({'; '.join(differences)}); it is replaced by this one.")
+            write_json(os.path.join(out_dir, RESIZE_RECORD), settings)
         for folder, _, names in os.walk(out_dir):
             for name in names:
                 if name.rpartition(".tmp")[2].isdigit():  # atomic_write's NAME.tmp<pid>
@@ -215,10 +229,13 @@ def resize_dataset(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tools for the training data.")
+    # allow_abbrev=False: a shortened flag is an error, not whatever flag it prefixes today.
+    parser = argparse.ArgumentParser(description="Tools for the training data.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     resize = commands.add_parser(
-        "resize", help="copy a dataset with every image's shorter side --short-side pixels")
+        "resize", help="copy a dataset with every image's shorter side --short-side pixels",
+        allow_abbrev=False)
     add = resize.add_argument
     add("source_csv", metavar="SRC_CSV", help="the dataset's CSV/TSV of image paths and captions")
     add("out_dir", metavar="OUT_DIR",

@@ -1,9 +1,13 @@
 """The run folder: RUN/checkpoints (written atomically, the newest two kept), the random states a
 checkpoint carries, the identity that a resume must match (RULE 8), and the log trimmed back to
 the step a resume starts from."""
+import contextlib
+import fcntl
 import json
 import os
 import random
+import socket
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +51,45 @@ def make_run_dir(args):
     except OSError as e:
         raise UsageError(f"--output-dir {run_dir}: cannot create it ({e.strerror}). "
                          "Choose a writable folder.")
+    args.output_dir = run_dir  # recorded, so that `--resume CHECKPOINT` alone finds it again
     return run_dir
+
+
+JOB_LOCK = "job.lock"  # in RUN: who holds the folder
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir, proc):
+    """For the block, this job alone writes into `run_dir`: rank 0 holds an advisory lock on
+    RUN/job.lock, which the kernel lets go when the holder exits or is killed (kill -9 too), so
+    a resume after a crash is never blocked by a file to clean by hand. A second job on a folder
+    that a live job holds is refused at once, naming the holder."""
+    # RULE 8: two jobs writing checkpoints and log lines into one folder would interleave them.
+    lock = None
+    refusal = None
+    if proc.is_main:
+        lock = open(os.path.join(run_dir, JOB_LOCK), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another job"
+            lock.close()
+            refusal = (f"{run_dir} is held by {holder}. One job per run folder: wait for it, or "
+                       "stop every process of it (docs/troubleshooting.md), then --resume auto.")
+        else:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                       f"{datetime.now():%Y-%m-%d %H:%M:%S} ({' '.join(sys.argv)})\n")
+            lock.flush()
+    refusal = gather_objects(refusal)[0]  # every rank stops, not rank 0 alone
+    if refusal:
+        raise UsageError(refusal)
+    try:
+        yield
+    finally:
+        if lock:
+            lock.close()  # closing the file lets the lock go
 
 
 def keep_log_until(path, step):

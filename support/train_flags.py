@@ -1,5 +1,6 @@
 """train.py's flags, OpenCLIP's names where OpenCLIP has the setting, each default with its
-reason; and the checks that refuse a value that cannot work before anything runs."""
+reason; the checks that refuse a value that cannot work before anything runs; and which flags a
+resume may change (RULE 8), the rest being taken from the checkpoint."""
 import argparse
 import os
 
@@ -14,8 +15,9 @@ def add_data_flags(add):
     add("--csv-img-key", default="image_path", help="image path column (QUILT-1M's name)")
     add("--csv-caption-key", default="caption", help="caption column")
     add("--csv-separator", help="default: tab for .tsv, comma otherwise")
-    add("--csv-split-key", default="split",
-        help="column naming each row's split (QUILT-1M's); without it, every row is used")
+    add("--csv-split-key",
+        help="column naming each row's split (default: 'split', QUILT-1M's, where the CSV has "
+             "it; else every row is used); a column given here must exist")
     add("--train-split", default="train",
         help="train only on rows whose --csv-split-key is this value; 'all': every row")
     add("--workers", type=int, default=2,
@@ -38,8 +40,11 @@ def add_data_flags(add):
         help="decode large JPEGs at a reduced scale: a faster loader, other pixels")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def make_parser():
+    # allow_abbrev=False: a shortened flag in a script (--max-step) is an error, not whatever
+    # flag it happens to prefix today.
+    parser = argparse.ArgumentParser(description="Train CLIP on image-caption pairs with "
+                                     "torchrun, reproducibly.", allow_abbrev=False)
     add = parser.add_argument
     add_data_flags(add)
     add("--model", default="tiny",
@@ -84,8 +89,65 @@ def parse_args(argv=None):
         help="torch.compile the model (see docs/performance.md for what it gains)")
     add("--skip-nonfinite", type=int, default=0,
         help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     check_flags(args)
+    return args
+
+
+def given_flags(argv=None):
+    """The flags the command line gives (their argparse names), whatever their values: those a
+    resume compares with the checkpoint's, where every other flag is taken from it."""
+    parser = make_parser()
+    for action in parser._actions:  # argparse's list of them; no public way to reach the defaults
+        action.default = argparse.SUPPRESS  # an absent flag stays absent
+    return set(vars(parser.parse_args(argv)))
+
+
+# A resume continues the run its checkpoint recorded. It takes every flag from there; one given
+# again must have the recorded value, except these, which cannot change the bits (RULES.md, 8):
+MAY_CHANGE_ON_RESUME = {
+    "workers": "loader processes: never a result (RULE 2)",
+    "check_data": "only lists bad rows; --bad-samples decides what trains",
+    "output_dir": "where the run is continued",
+    "resume": "which checkpoint",
+    "save_every": "checkpoint cadence",
+    "log_every": "log cadence",
+    "accum_steps": "processes x accumulation, at the same global batch (RULE 3)",
+    "train_data": "where the CSV is; its sha256 must match",
+    "image_root": "where the images are",
+}
+MUST_MATCH_ON_RESUME = [
+    "csv_img_key", "csv_caption_key", "csv_separator", "csv_split_key", "train_split",
+    "rrc_scale", "rrc_ratio", "bad_samples", "max_image_pixels", "allow_absolute_paths",
+    "jpeg_draft", "model", "tokenizer", "pretrained", "activation", "batch_size", "epochs",
+    "max_steps", "lr", "wd", "warmup", "beta1", "beta2", "eps", "grad_clip_norm", "precision",
+    "seed", "local_loss", "gather_with_grad", "deterministic", "grad_checkpointing", "compile",
+    "skip_nonfinite",
+]
+
+
+def flag_name(name):
+    return "--" + name.replace("_", "-")
+
+
+def continue_recorded_run(args, given, recorded, checkpoint):
+    """`args` as the checkpoint's run recorded them (`recorded`: its args), but for the flags
+    of MAY_CHANGE_ON_RESUME given on this command line; a result-changing flag given with
+    another value than recorded is refused in one line."""
+    # RULE 8: what is resumed is what was started; only what cannot change the bits may differ.
+    for name in MUST_MATCH_ON_RESUME:
+        if name in given and name in recorded and getattr(args, name) != recorded[name]:
+            raise UsageError(
+                f"--resume {checkpoint}: {flag_name(name)} {recorded[name]!r} there, "
+                f"{getattr(args, name)!r} here, which would change the result. Leave "
+                f"{flag_name(name)} out to continue the run, or start a new --output-dir.")
+    for name, value in recorded.items():
+        if hasattr(args, name) and name not in given:
+            setattr(args, name, value)
     return args
 
 

@@ -144,6 +144,18 @@ def test_the_same_source_gives_the_same_bytes_whatever_the_workers(quilt, tmp_pa
     assert tree_sha256(tmp_path / "again") == tree_sha256(out_dir)
 
 
+def test_a_resize_that_failed_before_any_copy_can_be_rerun_with_corrected_flags(quilt, tmp_path):
+    """A wrong --image-root stops the resize at its first row; the record it left does not
+    refuse the corrected command, which makes the same bytes as a clean resize."""
+    csv_path, out_dir = quilt
+    target = tmp_path / "out"
+    wrong = tmp_path / "nowhere"
+    wrong.mkdir()
+    assert "unreadable image" in one_line(resize, csv_path, target, "--image-root", wrong)
+    resize(csv_path, target, "--short-side", 256)
+    assert tree_sha256(target) == tree_sha256(out_dir)
+
+
 def test_a_rerun_after_a_killed_run_finishes_it_with_the_same_bytes(quilt, tmp_path):
     csv_path, out_dir = quilt
     partial = tmp_path / "partial"

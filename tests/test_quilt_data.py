@@ -106,6 +106,18 @@ def test_csv_without_the_split_column_keeps_every_row_and_says_so(tmp_path):
     assert split_filter["column_present"] is False and split_filter["rows_kept"] == 5
 
 
+def test_a_split_key_given_that_is_not_a_column_is_an_error_not_every_row(quilt, tmp_path):
+    """A typo in --csv-split-key must not train on the held-out rows; the default 'split'
+    missing stays a note (every row is used, as for the demo)."""
+    path, _ = quilt
+    message = one_line(data.read_csv_table, path, split_key="Split")
+    assert message.startswith(f"{path}: no column 'Split'; columns are ")
+    assert message.endswith("Pass --csv-split-key.")
+    written = [quilt_row(index, "val", 64, 36) for index in range(3)]
+    no_split = write_quilt(tmp_path, written, ["image_path", "caption"])
+    assert len(data.read_csv_table(no_split)[0]) == 3
+
+
 def test_csv_split_value_that_no_row_has_is_refused_naming_file_column_values(quilt):
     path, _ = quilt
     message = one_line(data.read_csv_table, path, split_value="training")

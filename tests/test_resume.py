@@ -1,16 +1,20 @@
 """A resume continues the same run or is refused: the step in a checkpoint means something only
-under the global batch, data, split and schedule that wrote it (RULE 8). The number of processes
-may change as long as the global batch does not (RULE 3)."""
+under the global batch, data, split and schedule that wrote it (RULE 8), and the flags come from
+the checkpoint, a result-changing one given otherwise being refused. The number of processes may
+change as long as the global batch does not (RULE 3). One job holds a run folder at a time."""
+import argparse
+import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
 
 import train
-from conftest import run_train, small_run
+from conftest import (finish_train, run_train, small_run, start_small_run, wait_until)
+from support import run_folder, train_flags
 from support.errors import UsageError
-from support import run_folder
 
 FP32 = ["--precision", "fp32", "--lr", "1e-3", "--warmup", 2, "--max-steps", 6, "--save-every", 3]
 
@@ -61,13 +65,148 @@ def test_resume_on_half_the_processes_with_accumulation_continues_the_same_run(
     different = [name for name in whole["model"]
                  if not torch.equal(resumed["model"][name], whole["model"][name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    # The manifest keeps the first invocation's record and appends the resume to its history.
+    first, second = history(stopped)
+    assert first == history(tmp_path / "2x8")[0] and first["world_size"] == 2
+    assert (second["world_size"], second["accum_steps"], second["from_step"]) == (1, 2, 3)
     # Another global batch from the same checkpoint is refused, in one line, before any step.
     os.remove(stopped / "checkpoints" / "step_6.pt")
-    refused = run_train("--train-data", small_csv, "--image-root", os.path.dirname(demo_csv),
-                        "--output-dir", stopped, "--workers", 0, *FP32, "--batch-size", 16,
-                        "--accum-steps", 2, "--resume", "auto", check=False)
+    refused = run_train("--output-dir", stopped, "--accum-steps", 4, "--resume", "auto",
+                        check=False)
     assert refused.returncode == 2, refused.stderr[-2000:]
     last_line = refused.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: --resume ")
     assert "global batch 16 there, 32 here" in last_line
+    assert len(history(stopped)) == 2
     assert torch.load(stopped / "checkpoints" / "step_3.pt", weights_only=True)["step"] == 3
+
+
+# ----------------------------------------------------------------------------- the recorded run
+
+def test_every_flag_is_in_exactly_one_resume_list():
+    """A new flag of train.py must be placed: taken from the checkpoint and refused when given
+    otherwise, or free to change because it cannot change the bits (RULES.md, 8)."""
+    flags = {action.dest for action in train_flags.make_parser()._actions if action.dest != "help"}
+    may_change = set(train_flags.MAY_CHANGE_ON_RESUME)
+    must_match = set(train_flags.MUST_MATCH_ON_RESUME)
+    assert not may_change & must_match, f"in both lists: {may_change & must_match}"
+    assert flags == may_change | must_match, (
+        f"in neither list: {flags - may_change - must_match}; "
+        f"in a list but no flag: {(may_change | must_match) - flags}")
+
+
+def another_value(name, recorded):
+    """The command-line words that give flag `name` another value than `recorded`, the default
+    or the value a run resolved it to, and any flags it needs beside it."""
+    action = {a.dest: a for a in train_flags.make_parser()._actions}[name]
+    flag = action.option_strings[0]
+    needs = {"activation": ["--pretrained", "weights.pt"]}.get(name, [])
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [f"--no-{flag[2:]}" if action.default else flag, *needs]
+    if action.nargs == 0:  # store_true
+        return [flag, *needs]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != recorded), *needs]
+    if action.nargs == 2:
+        return [flag, *[str(value / 2) for value in action.default], *needs]
+    if action.type in (int, float) and action.default is not None:
+        value = action.default + 1 if action.type is int else action.default / 2
+        return [flag, str(value), *needs]
+    if action.type in (int, float):
+        return [flag, "3", *needs]
+    return [flag, "other", *needs]
+
+
+@pytest.mark.parametrize("name", train_flags.MUST_MATCH_ON_RESUME)
+def test_a_resume_given_another_value_of_a_result_changing_flag_is_refused(name, tmp_path):
+    """Against a checkpoint that records the defaults (as fp32, with weights.pt where a flag
+    needs --pretrained), before anything is built or written."""
+    recorded = vars(train.parse_args(["--output-dir", str(tmp_path)]))
+    recorded.update(precision="fp32", pretrained=None)
+    words = another_value(name, recorded[name])
+    if "--pretrained" in words and name != "pretrained":
+        recorded["pretrained"] = "weights.pt"
+    checkpoint = tmp_path / "step_3.pt"
+    torch.save({"args": recorded, "step": 3}, checkpoint)
+    with pytest.raises(UsageError) as error:
+        train.main(["--resume", str(checkpoint), *words])
+    message = str(error.value)
+    flag = train_flags.flag_name(name)
+    assert message.startswith(f"--resume {checkpoint}: {flag} {recorded[name]!r} there, ")
+    assert "would change the result" in message and "\n" not in message
+    assert sorted(os.listdir(tmp_path)) == ["step_3.pt"]  # nothing written
+
+
+def test_a_shortened_flag_is_an_error_not_the_flag_it_prefixes(capsys):
+    for shortened in (["--max-step", "2"], ["--run", "x"]):
+        with pytest.raises(SystemExit) as exit:
+            train.parse_args(shortened)
+        assert exit.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def history(run_dir):
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        return json.load(f)["history"]
+
+
+@pytest.mark.slow
+def test_resume_auto_with_the_run_folder_alone_continues_the_recorded_run(
+        small_csv, demo_csv, tmp_path):
+    """A run with flags other than the defaults, stopped after step 3 and continued by
+    `--resume auto --output-dir RUN` alone: the uninterrupted run's bits, the first invocation's
+    record intact in the manifest and the resume appended to its history."""
+    flags = [*FP32, "--batch-size", 8, "--wd", 0.05, "--rrc-scale", 0.7, "--seed", 3]
+    whole = small_run(small_csv, demo_csv, tmp_path / "whole", *flags)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "whole", stopped)
+    for name in ("step_6.pt", "latest.pt"):
+        os.remove(stopped / "checkpoints" / name)
+    first = history(stopped)[0]
+    run_train("--resume", "auto", "--output-dir", stopped)
+    resumed = torch.load(stopped / "checkpoints" / "latest.pt", weights_only=True)
+    different = [name for name in whole["model"]
+                 if not torch.equal(resumed["model"][name], whole["model"][name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert resumed["args"]["wd"] == 0.05 and resumed["args"]["seed"] == 3
+    entries = history(stopped)
+    assert len(entries) == 2 and entries[0] == first
+    assert entries[1]["from_step"] == 3 and entries[1]["to_step"] == 6
+    # Given again with its recorded value, a flag is fine; with another, refused.
+    refused = run_train("--resume", "auto", "--output-dir", stopped, "--seed", 3, "--wd", 0.2,
+                        check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume {stopped / 'checkpoints' / 'step_6.pt'}: --wd 0.05 there, 0.2 here")
+    assert len(history(stopped)) == 2
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_live_run_folder_is_refused_and_a_resume_after_kill_is_not(
+        small_csv, demo_csv, tmp_path):
+    """One job per run folder: a second one is refused within seconds, naming the holder, while
+    the first trains on untouched; after kill -9 of every process of a job, --resume auto goes on
+    (the lock died with its holder)."""
+    run_dir = tmp_path / "run"
+    long_run = ["--batch-size", 8, "--max-steps", 40, "--save-every", 5, "--log-every", 1]
+    first, _ = start_small_run(small_csv, demo_csv, run_dir, *long_run, nproc=2)
+    log = run_dir / "log.jsonl"
+    wait_until(log.exists, 120, "the first job's first log line")
+    started = time.monotonic()
+    second = run_train("--resume", "auto", "--output-dir", run_dir, check=False)
+    assert time.monotonic() - started < 30
+    assert second.returncode == 2
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {run_dir} is held by pid ") and "One job per" in message
+    finish_train(first)
+    steps = [json.loads(line)["step"] for line in open(log)]
+    assert steps == list(range(1, 41))  # each step once: nobody else wrote
+    assert len(history(run_dir)) == 1
+    # kill -9 of every process, then a resume: accepted, and the run completes.
+    killed = tmp_path / "killed"
+    job, _ = start_small_run(small_csv, demo_csv, killed, *long_run, nproc=2)
+    wait_until(lambda: (killed / "checkpoints" / "step_5.pt").exists(), 120, "a checkpoint")
+    job.kill()
+    run_train("--resume", "auto", "--output-dir", killed, nproc=2)
+    done = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)
+    assert done["step"] == 40
