@@ -14,6 +14,7 @@ seeded, stratified slice of the training part; the seed and per-class counts go 
 import argparse
 import hashlib
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from support.image_sets import LC25000_NOTE
 from support.pretrained import run_tokenizer_folder
 from support.study import (HEADLINE, NOT_CONFIGURATION, comparisons, draw_figure, group_runs,
                            print_comparisons, print_table, study)
+from support.train_flags import key_value
 
 # The Quilt-1M evaluation's class names and prompt templates. Keys are the released folder names (or
 # PCam's label values): the mapping to class names is explicit, never by sort order.
@@ -101,7 +103,10 @@ def encode_images(model, dataset, device, batch_size=256, workers=2):
     model.eval()
     on_gpu = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)  # CPUs stay fp32
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=on_gpu)
+    # Its own generator: iterating a DataLoader draws a seed from the global one otherwise, and
+    # scoring while training must not touch the run's random state.
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=on_gpu,
+                        generator=torch.Generator())
     features = []
     labels = []
     for images, targets in tqdm(loader, desc="encoding images", leave=False, mininterval=2):
@@ -162,17 +167,51 @@ def zero_shot(model, tokenizer, classnames, features, labels, device):
     return classification_metrics(labels, (features @ classifier).argmax(1), len(classnames))
 
 
-def demo_zero_shot(model, tokenizer, device):
-    """Zero-shot accuracy on the demo's test images, printed and returned."""
+def zero_shot_sets(datasets, image_size):
+    """[(task, its test images, its class names)] of {task: folder}: what zero-shot scores, read
+    once, so that scoring while training (train.py --zeroshot-every) reads no layout again."""
+    sets = []
+    for task, root in datasets.items():
+        if task not in TASKS:
+            raise UsageError(f"--zeroshot-data {task}={root}: unknown task; choose from "
+                             f"{', '.join(TASKS)}.")
+        parts, _ = benchmark_splits(task, root, TASKS[task],
+                                    transform=data.eval_transform(image_size))
+        test, indices = parts["test"]  # the test images only
+        sets.append((task, Subset(test, indices.tolist()), list(TASKS[task].values())))
+    return sets
+
+
+def zero_shot_accuracies(model, tokenizer, sets, device):
+    """{task: zero-shot accuracy} on zero_shot_sets. The model is left in eval mode."""
     results = {}
-    transform = data.eval_transform(model.config.image_size)
-    for task, root in demo_data.demo_datasets().items():
-        parts, _ = benchmark_splits(task, root, TASKS[task], transform=transform)
-        test, indices = parts["test"]  # encode the test images only
-        features, labels = encode_images(model, Subset(test, indices.tolist()), device, workers=0)
-        classnames = list(TASKS[task].values())
+    for task, images, classnames in sets:
+        features, labels = encode_images(model, images, device, workers=0)
         scores = zero_shot(model, tokenizer, classnames, features, labels, device)
         results[task] = scores["accuracy"]
+    return results
+
+
+def zero_shot_scorer(model, tokenizer, datasets, device):
+    """For train.py --zeroshot-every: a function () -> ({task: accuracy}, seconds) on the test
+    images of {task: folder} (the demo's where empty). It reads the model and no random state;
+    train.py calls it on rank 0 alone, and the other ranks wait at the next step's collectives,
+    as for any slower rank: no bit of the training changes."""
+    sets = zero_shot_sets(datasets or demo_data.demo_datasets(), model.config.image_size)
+
+    def score():
+        started = time.perf_counter()
+        accuracies = zero_shot_accuracies(model, tokenizer, sets, device)
+        model.train()
+        return accuracies, round(time.perf_counter() - started, 3)
+    return score
+
+
+def demo_zero_shot(model, tokenizer, device):
+    """Zero-shot accuracy on the demo's test images, printed and returned."""
+    sets = zero_shot_sets(demo_data.demo_datasets(), model.config.image_size)
+    results = zero_shot_accuracies(model, tokenizer, sets, device)
+    for task, _, classnames in sets:
         print(f"demo zero-shot {task:14s} accuracy {results[task]:.3f} "
               f"(chance {1 / len(classnames):.3f})")
     return results
@@ -276,15 +315,6 @@ def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
 
 
 # ----------------------------------------------------------------------------- flags and main
-
-def key_value(text):
-    """The argparse type of NAME=PATH flags."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME=PATH, e.g. lc25000_colon=/data/lung_colon_image_set")
-    return key, value
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)

@@ -46,7 +46,7 @@ from support.machine import default_precision, keep_freed_memory
 from support.manifest import write_manifest
 from support.pretrained import read_weights_file, run_tokenizer_folder
 from support.train_flags import continue_recorded_run, given_flags, image_root, parse_args
-from support.training_log import Log, NonFiniteLoss
+from support.training_log import Log, NonFiniteLoss, Stopwatch
 from support.tree_all_reduce import tree_all_reduce_hook, world_size_guarantee
 
 
@@ -325,20 +325,6 @@ def next_micro_batches(batches, accum_steps, device):
 
 # ----------------------------------------------------------------------------- the phases of a run
 
-class Stopwatch:
-    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
-    scales with the rows shows, printed at start and kept in the manifest."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.last = time.perf_counter()
-
-    def lap(self, phase):
-        """The time since the last lap is `phase`'s."""
-        now = time.perf_counter()
-        self.seconds[phase] = round(now - self.last, 3)
-        self.last = now
-
 
 class TrainData(NamedTuple):
     """The CSV's training rows (its --train-split) and what is known of them before training."""
@@ -525,9 +511,10 @@ def save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity, i
 
 
 def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc):
+          run_dir, proc, zero_shot=None):
     """An optimizer step per global batch; a log line every --log-every steps and a checkpoint
-    every schedule.save_every, both at the last step too."""
+    every schedule.save_every, both at the last step too; zero-shot accuracies every
+    --zeroshot-every steps and at the last, where `zero_shot` scores them (rank 0)."""
     total = schedule.total_steps
     autocast = torch.autocast(proc.device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16")
@@ -563,6 +550,8 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
                 epoch = done // schedule.steps_per_epoch
                 save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity,
                           proc.is_main)
+            if zero_shot and (done % args.zeroshot_every == 0 or done == total):
+                log.write_zero_shot(done, *zero_shot())
 
 
 def finish(args, model, tokenizer, manifest, skipped, started, run_dir, device):
@@ -607,8 +596,12 @@ def run(args, run_dir, proc, resume_point, started):
         print(f"another split of this global batch (RULE 3): {guarantee['level']}, "
               f"{guarantee['why']}")
 
+    zero_shot = None  # rank 0 scores for --zeroshot-every
+    if args.zeroshot_every and proc.is_main:
+        zero_shot = evaluate.zero_shot_scorer(model, tokenizer, dict(args.zeroshot_data),
+                                              proc.device)
     train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc)
+          run_dir, proc, zero_shot)
     if proc.is_main:
         finish(args, model, tokenizer, manifest, skipped, started, run_dir, proc.device)
     if dist.is_initialized():

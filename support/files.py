@@ -80,3 +80,16 @@ def read_json(path, flag):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag}: cannot read {path} ({e}).")
+
+
+def check_output_path(path, flag):
+    """Refuse, before any work, an output file that could not be written: its folder missing,
+    not a folder, or not writable; or the path itself a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: a folder, not a file. Name a file in it.")
+    if not os.path.isdir(folder):
+        cause = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: its folder {folder} {cause}. Create it first.")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: its folder {folder} is not writable.")

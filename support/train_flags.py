@@ -40,6 +40,15 @@ def add_data_flags(add):
         help="decode large JPEGs at a reduced scale: a faster loader, other pixels")
 
 
+def key_value(text):
+    """The argparse type of NAME=PATH flags (train.py's --zeroshot-data, evaluate.py's)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=PATH, e.g. lc25000_colon=/data/lung_colon_image_set")
+    return key, value
+
+
 def make_parser():
     # allow_abbrev=False: a shortened flag in a script (--max-step) is an error, not whatever
     # flag it happens to prefix today.
@@ -89,6 +98,11 @@ def make_parser():
         help="torch.compile the model (see docs/performance.md for what it gains)")
     add("--skip-nonfinite", type=int, default=0,
         help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
+    add("--zeroshot-every", type=int, default=0, metavar="N",
+        help="score zero-shot accuracy every N steps and at the end, into log.jsonl (0: off); "
+             "it changes no bit of the training")
+    add("--zeroshot-data", action="append", default=[], type=key_value, metavar="TASK=PATH",
+        help="repeatable, as evaluate.py's --dataset (default: the demo's held-out sets)")
     return parser
 
 
@@ -119,6 +133,8 @@ MAY_CHANGE_ON_RESUME = {
     "accum_steps": "processes x accumulation, at the same global batch (RULE 3)",
     "train_data": "where the CSV is; its sha256 must match",
     "image_root": "where the images are",
+    "zeroshot_every": "scores the model, changes no bit of it (tests/test_reproducibility.py)",
+    "zeroshot_data": "what --zeroshot-every scores",
 }
 MUST_MATCH_ON_RESUME = [
     "csv_img_key", "csv_caption_key", "csv_separator", "csv_split_key", "train_split",
@@ -163,6 +179,7 @@ def check_flags(args):
         (0 < args.rrc_ratio[0] <= args.rrc_ratio[1], "--rrc-ratio LO HI needs 0 < LO <= HI"),
         (args.lr > 0, "--lr must be positive"),
         (args.workers >= 0, "--workers cannot be negative"),
+        (args.zeroshot_every >= 0, "--zeroshot-every cannot be negative"),
         (args.resume != "auto" or args.output_dir,
          "--resume auto needs the --output-dir of the run"),
         (args.pretrained or not args.activation, "--activation applies to --pretrained weights; "

@@ -1,5 +1,5 @@
-"""What the training loop writes and watches: log.jsonl with the progress bar, and the check for
-a non-finite loss or gradient that costs no synchronisation per step."""
+"""What a run writes and watches: log.jsonl with the progress bar, the check for a non-finite
+loss or gradient that costs no synchronisation per step, and the start-up's stopwatch."""
 import json
 import time
 
@@ -19,6 +19,7 @@ class Log:
         self.progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
                              dynamic_ncols=True, mininterval=2)
         self.tick = time.time()
+        self.postfix = {}
 
     def __enter__(self):
         return self
@@ -30,10 +31,25 @@ class Log:
         """`record` and samples_per_s, over the `samples` trained on since the last line."""
         record["samples_per_s"] = samples / (time.time() - self.tick)
         self.tick = time.time()
+        self.append(record)
+        self.show(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+
+    def write_zero_shot(self, step, accuracies, seconds):
+        """A line of zero-shot accuracies after `step`; the seconds they took are not charged
+        to the training's samples_per_s."""
+        self.tick += seconds
+        self.append({"step": step, "zero_shot": accuracies, "zero_shot_seconds": seconds})
+        self.show(zero_shot="/".join(f"{accuracy:.2f}" for accuracy in accuracies.values()))
+
+    def append(self, record):
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+
+    def show(self, **values):
+        """Values on the progress line, beside the others shown so far."""
+        self.postfix.update(values)
+        self.progress.set_postfix(self.postfix)
 
 
 class NonFiniteLoss:
@@ -73,3 +89,18 @@ class NonFiniteLoss:
             raise UsageError(f"the loss or its gradient was not finite at step {first}; the last "
                              f"good checkpoint is kept in {self.run_dir}/checkpoints. Lower --lr, "
                              "set --grad-clip-norm, or pass --skip-nonfinite N.")
+
+
+class Stopwatch:
+    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
+    scales with the rows shows, printed at start and kept in the manifest."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase):
+        """The time since the last lap is `phase`'s."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now

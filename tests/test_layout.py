@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LESSONS = {"model": 400, "data": 500, "train": 650, "evaluate": 450}
-COMMANDS = {"bench", "verify"}  # what people type besides the lessons (at most three)
+COMMANDS = {"bench", "verify", "grid"}  # what people type besides the lessons (at most three)
 OTHER_BUDGET = 400
 COLUMNS = 100
 

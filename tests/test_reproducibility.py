@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import finish_small_run, relative_difference, start_small_run
+from conftest import STEPS, finish_small_run, relative_difference, start_small_run
 
 
 def assert_identical(a, b):
@@ -151,3 +151,22 @@ def test_deterministic_algorithms_are_on_by_default():
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.slow
+def test_zero_shot_while_training_changes_no_bit_of_the_weights(small_csv, demo_csv,
+                                                                uninterrupted, tmp_path):
+    """--zeroshot-every 3 scores the demo's held-out sets after steps 3, 6 and the last (8), on
+    rank 0 alone, into log.jsonl: the final weights are those of the same run without it."""
+    whole, reference = uninterrupted
+    scored = finish_small_run(start_small_run(small_csv, demo_csv, tmp_path / "zs", *STEPS,
+                                              "--zeroshot-every", 3, nproc=2))
+    assert_identical(reference["model"], scored["model"])
+    assert final_sha(whole) == final_sha(tmp_path / "zs")
+    lines = [json.loads(line) for line in open(tmp_path / "zs" / "log.jsonl")]
+    zero_shot = [line for line in lines if "zero_shot" in line]
+    assert [line["step"] for line in zero_shot] == [3, 6, 8]
+    for line in zero_shot:
+        assert set(line["zero_shot"]) == {"pcam", "lc25000_lung", "lc25000_colon"}
+        assert all(0 <= accuracy <= 1 for accuracy in line["zero_shot"].values())
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, 9))
