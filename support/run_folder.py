@@ -65,7 +65,26 @@ def rng_states():
             "numpy_pos": int(numpy_state[2]), "python": list(random.getstate()[1]), "cuda": cuda}
 
 
-def set_rng_states(states):
+def rng_states_of_every_rank():
+    """[rank 0's rng_states(), rank 1's, ...]: what a checkpoint keeps, so that each rank
+    resumes its own."""
+    return gather_objects(rng_states())
+
+
+def set_rng_states(saved, proc):
+    """Restore this rank's random states from a checkpoint's list of every rank's.
+
+    On another number of processes than the checkpoint's, rank r no longer holds the
+    micro-batches the saved rank r held (RULE 3 hands them out anew), so no saved rank is
+    this one's: every rank takes rank 0's, as every rank started from the same seed."""
+    if isinstance(saved, dict):  # a checkpoint of an older version: rank 0's alone
+        saved = [saved] * proc.world
+    states = saved[0]
+    if len(saved) == proc.world:
+        states = saved[proc.rank]
+    elif proc.is_main:
+        print(f"note: the checkpoint holds the random states of {len(saved)} process(es), this "
+              f"run has {proc.world}: every rank resumes rank 0's")
     # RULE 8: a resumed run draws the random numbers the uninterrupted one would have drawn.
     torch.set_rng_state(states["torch"])
     np.random.set_state(("MT19937", states["numpy"].numpy(), states["numpy_pos"], 0, 0.0))

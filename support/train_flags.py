@@ -82,6 +82,13 @@ def parse_args(argv=None):
     add("--resume", help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
     add("--compile", action="store_true",
         help="torch.compile the model (see docs/performance.md for what it gains)")
+    add("--reduction", choices=["tree", "ddp"], default="tree",
+        help="tree: RULE 3's bitwise sum of the gradients where the guarantee is bitwise (DDP's "
+             "all-reduce elsewhere); ddp: DDP's all-reduce always, faster across nodes, the "
+             "guarantee then float rounding (docs/performance.md)")
+    add("--dist-timeout", type=float, default=60,
+        help="minutes a collective may wait before the run stops with an error: long enough "
+             "for rank 0's start-up alone (a BPE on a million captions, --check-data)")
     add("--skip-nonfinite", type=int, default=0,
         help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
     args = parser.parse_args(argv)
@@ -101,6 +108,7 @@ def check_flags(args):
         (0 < args.rrc_ratio[0] <= args.rrc_ratio[1], "--rrc-ratio LO HI needs 0 < LO <= HI"),
         (args.lr > 0, "--lr must be positive"),
         (args.workers >= 0, "--workers cannot be negative"),
+        (args.dist_timeout > 0, "--dist-timeout must be positive"),
         (args.resume != "auto" or args.output_dir,
          "--resume auto needs the --output-dir of the run"),
         (args.pretrained or not args.activation, "--activation applies to --pretrained weights; "
