@@ -373,7 +373,7 @@ def prepare_data(args, run_dir, proc, clock):
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
     check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
-                     rows.numbers)
+                rows.numbers)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:
