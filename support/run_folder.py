@@ -1,6 +1,7 @@
 """The run folder: RUN/checkpoints (written atomically, the newest two kept), the random states a
 checkpoint carries, the identity that a resume must match (RULE 8), and the log trimmed back to
 the step a resume starts from."""
+import io
 import json
 import os
 import random
@@ -68,7 +69,11 @@ def rng_states():
 def rng_states_of_every_rank():
     """[rank 0's rng_states(), rank 1's, ...]: what a checkpoint keeps, so that each rank
     resumes its own."""
-    return gather_objects(rng_states())
+    # As bytes: all_gather_object cannot unpickle a tensor's storage (torch 2.14).
+    mine = io.BytesIO()
+    torch.save(rng_states(), mine)
+    gathered = gather_objects(mine.getvalue())
+    return [torch.load(io.BytesIO(states), weights_only=True) for states in gathered]
 
 
 def set_rng_states(saved, proc):
