@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,9 @@ from support import demo_data
 from support.bench_data import checks_overhead, input_pipeline, table_memory
 from support.errors import UsageError, run_main
 from support.machine import keep_freed_memory
-from support.measure import device_name, measure, peak_meter, peak_rss_mib, time_steps
+from support.measure import (device_name, held_bytes, measure, peak_meter, print_setup,
+                             time_steps)
+from support.tree_all_reduce import tree_all_reduce_hook
 
 
 # ----------------------------------------------------------------------------- model FLOPs
@@ -148,7 +150,9 @@ def parse_args(argv=None):
            "--no-deterministic, one H100: a figure measured on another machine)")
     a("--ddp", type=int, default=0, metavar="N",
       help="instead: DDP steps on N gloo processes of one thread, DDP's all-reduce against "
-           "train.py's tree hook")
+           "train.py's tree hook, and the copies the tree holds under --accum-steps")
+    a("--accum-steps", type=int, default=8,
+      help="--ddp: micro-batches per step whose gradients' copies are measured")
     args = p.parse_args(argv)
     at_least_one = min(args.batch_size, args.steps, args.threads, args.world_size)
     if at_least_one < 1 or min(args.warmup, args.workers) < 0:
@@ -158,6 +162,8 @@ def parse_args(argv=None):
         raise UsageError("--table-rows must be at least 1.")
     if args.frames < 1 or not 0 < args.gpu_samples_per_s < math.inf:
         raise UsageError("--frames must be at least 1, --gpu-samples-per-s a positive number.")
+    if args.accum_steps < 2 or args.accum_steps & (args.accum_steps - 1):
+        raise UsageError("--accum-steps must be a power of two, at least 2: the tree's.")
     if args.ddp == 1 or args.ddp < 0:
         raise UsageError("--ddp N compares reductions over N >= 2 processes.")
     return args
@@ -172,9 +178,10 @@ def bench_config(args):
     return replace(model_config(args.model), **overrides)
 
 
-def as_train_args(args):
-    """The Namespace train.py would run with, so that the optimizer and the loss are the users'."""
-    flags = ["--model", args.model, "--batch-size", args.batch_size,
+def as_train_args(args, more=()):
+    """The Namespace train.py would run with, so that the optimizer and the loss are the users';
+    `more`: flags on top."""
+    flags = [*more, "--model", args.model, "--batch-size", args.batch_size,
              "--precision", args.precision, "--workers", args.workers, "--seed", args.seed,
              "--deterministic" if args.deterministic else "--no-deterministic"]
     if args.grad_checkpointing:
@@ -255,9 +262,34 @@ def reduction_worker(rank, world, rendezvous, args, results):
     for _ in range(2):  # by turns: a shared machine's slow moments hit both
         for name, step in steps.items():
             times[name] += time_steps(step, args.warmup, args.steps, cpu)
+    copies = accumulation_copies(args, world)
     if rank == 0:
-        torch.save(times, results)
+        torch.save((times, copies), results)
     dist.destroy_process_group()
+
+
+def accumulation_copies(args, world):
+    """(the most bytes the tree hook held between backward passes over two steps of
+    --accum-steps micro-batches, the bytes of all gradients): train.py's step and hook, with
+    the hook's state measured after each call."""
+    train_args = as_train_args(args, ["--accum-steps", args.accum_steps])
+    raw_model = CLIP(bench_config(args)).train()
+    model = DDP(raw_model, gradient_as_bucket_view=True)
+    gradients = train.MicroBatchGradients(args.accum_steps)
+    peak = []
+
+    def measured_hook(state, bucket):
+        future = tree_all_reduce_hook(state, bucket)
+        peak.append(held_bytes(state))
+        return future
+
+    model.register_comm_hook(gradients, measured_hook)
+    autocast = torch.autocast("cpu", enabled=False)
+    batch = synthetic_batch(bench_config(args), args.batch_size, torch.device("cpu"))
+    for _ in range(2):  # the first step's buckets are rebuilt after its first backward
+        train.train_step(model, [batch] * args.accum_steps, train_args, autocast)
+        raw_model.zero_grad(set_to_none=True)
+    return max(peak), 4 * sum(p.numel() for p in raw_model.parameters())
 
 
 def reduction_cost(args):
@@ -266,31 +298,17 @@ def reduction_cost(args):
         results = os.path.join(folder, "times.pt")
         rendezvous = os.path.join(folder, "rendezvous")
         mp.spawn(reduction_worker, args=(args.ddp, rendezvous, args, results), nprocs=args.ddp)
-        times = torch.load(results, weights_only=True)
+        times, (held, gradient_bytes) = torch.load(results, weights_only=True)
     plain = statistics.median(times["DDP's all-reduce"])
     tree = statistics.median(times["the tree hook"])
     print(f"{args.ddp} gloo processes x 1 thread, {args.model}, batch {args.batch_size} per "
           f"process, {args.precision}: step {1e3 * plain:.1f} ms with DDP's all-reduce, "
           f"{1e3 * tree:.1f} ms with the tree hook ({100 * (tree / plain - 1):+.1f}%; medians "
           f"of {len(times['the tree hook'])})")
-
-
-def print_setup(args, cfg, device, freed_memory_kept):
-    """Everything that decides the figures, and the loss's memory at --world-size."""
-    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, {args.precision}, "
-          f"deterministic {args.deterministic}, TF32 {torch.backends.cuda.matmul.allow_tf32}, "
-          f"compile {args.compile}, grad checkpointing {args.grad_checkpointing}")
-    print(f"model {args.model}: {asdict(cfg)}")
-    if device.type == "cpu":
-        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; "
-              f"freed memory kept for reuse (keep_freed_memory): {freed_memory_kept}")
-    # The global loss scores all N*B samples against all N*B on every rank; the local, its B rows.
-    world_batch = args.world_size * args.batch_size
-    mib = 4 / 2**20  # an fp32 logit
-    print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: "
-          f"global {world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, "
-          f"local {args.batch_size}x{world_batch} = {args.batch_size * world_batch * mib:.2f} MiB")
+    mib = 2**20
+    print(f"--accum-steps {args.accum_steps}: the tree hook held at most {held / mib:.1f} MiB of "
+          f"copies, {held / gradient_bytes:.2f} x the {gradient_bytes / mib:.1f} MiB of fp32 "
+          f"gradients (log2 {args.accum_steps} = {math.log2(args.accum_steps):.0f})")
 
 
 def main(argv=None):

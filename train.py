@@ -44,10 +44,12 @@ from support.errors import UsageError, run_main
 from support.files import atomic_write, file_sha256, weights_sha256, write_json
 from support.machine import default_precision, keep_freed_memory
 from support.manifest import write_manifest
-from support.pretrained import read_weights_file, run_tokenizer_folder
+from support.measure import Stopwatch
+from support.pretrained import run_tokenizer_folder
 from support.train_flags import continue_recorded_run, given_flags, image_root, parse_args
-from support.training_log import Log, NonFiniteLoss, Stopwatch
-from support.tree_all_reduce import tree_all_reduce_hook, world_size_guarantee
+from support.training_log import Log, NonFiniteLoss
+from support.tree_all_reduce import (refuse_python_reducer, tree_all_reduce_hook,
+                                     uses_tree_hook, world_size_guarantee)
 
 
 # ----------------------------------------------------------------------------- the distributed loss
@@ -207,8 +209,13 @@ class TreeSum:
         self.subtrees = []  # (number of terms, their sum) of finished subtrees, left to right
         self.count = 0
 
+    def keeps_next(self):
+        """Whether the next term is kept as a subtree of its own, rather than added at once."""
+        return not self.subtrees or self.subtrees[-1][0] != 1
+
     def add(self, term):
-        """Take the next term; it becomes ours, for the sums are made in place."""
+        """Take the next term. The sums are made in place, into the left one: a kept term
+        (keeps_next) becomes ours; one added at once, or the last, is only read."""
         size = 1
         while self.subtrees and self.subtrees[-1][0] == size:
             left = self.subtrees.pop()[1]
@@ -243,8 +250,32 @@ class MicroBatchGradients:
             return None
         return self.trees.pop(parameter).total()
 
+    def keeps_next(self, parameter):
+        """Whether the parameter's next gradient is kept as it is, so must be a copy: neither
+        added to a subtree at once nor the step's last."""
+        tree = self.trees.get(parameter, TreeSum())
+        return tree.count + 1 < self.accum_steps and tree.keeps_next()
+
 
 # ----------------------------------------------------------------------------- one step
+
+def micro_batch_loss(model, images, tokens, cached, k, autocast, args):
+    """The loss of the global batch with micro-batch k recomputed with gradient, the others as
+    `cached`."""
+    K = len(cached)
+    with autocast:
+        image_features, text_features, logit_scale = model(images, tokens)
+        image_parts = [image for image, _ in cached]
+        text_parts = [text for _, text in cached]
+        image_parts[k] = image_features
+        text_parts[k] = text_features
+        all_image = torch.cat(image_parts)
+        all_text = torch.cat(text_parts)
+        # The same value, with its gradient multiplied by 1/K (by exactly 1 when K = 1).
+        logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / K)
+        return contrastive_loss(all_image, all_text, logit_scale, local_loss=args.local_loss,
+                                gather_with_grad=args.gather_with_grad)
+
 
 def train_step(model, micro_batches, args, autocast):
     """Forward and backward of one global batch; returns the loss (detached).
@@ -254,7 +285,8 @@ def train_step(model, micro_batches, args, autocast):
     gradient against the cached rest and backpropagate. The K backward passes add up to the exact
     gradient of the one big batch; logit_scale takes part in all K, so its gradient is scaled by
     1/K. The K gradients are added along TreeSum's tree: here on one process, under DDP in
-    tree_all_reduce_hook, together with the other ranks'.
+    tree_all_reduce_hook, together with the other ranks'; where no bits are promised, DDP adds
+    them as they come and all-reduces once, after the last.
     """
     K = len(micro_batches)
     # RULE 3: one global batch for the loss, however many micro-batches it is computed in.
@@ -262,25 +294,19 @@ def train_step(model, micro_batches, args, autocast):
     if K > 1:
         with torch.no_grad(), autocast:
             cached = [model(images, tokens)[:2] for images, tokens in micro_batches]
-    gradients = None  # under DDP (which has no_sync, compiled or not), the hook adds them up
-    if K > 1 and not hasattr(model, "no_sync"):
+    gradients = None  # under DDP (which has no_sync, compiled or not), DDP adds them up
+    plain_ddp = False  # DDP without the tree hook: no_sync for all micro-batches but the last
+    if hasattr(model, "no_sync"):
+        plain_ddp = not uses_tree_hook(args, dist.get_world_size())
+    elif K > 1:
         gradients = MicroBatchGradients(K)
     for k, (images, tokens) in enumerate(micro_batches):
-        with autocast:
-            image_features, text_features, logit_scale = model(images, tokens)
-            # The global batch: this micro-batch with gradient, the others as cached.
-            image_parts = [image for image, _ in cached]
-            text_parts = [text for _, text in cached]
-            image_parts[k] = image_features
-            text_parts[k] = text_features
-            all_image = torch.cat(image_parts)
-            all_text = torch.cat(text_parts)
-            # The same value, with its gradient multiplied by 1/K (by exactly 1 when K = 1).
-            logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) * (1 / K)
-            loss = contrastive_loss(all_image, all_text, logit_scale,
-                                    local_loss=args.local_loss,
-                                    gather_with_grad=args.gather_with_grad)
-        loss.backward()  # outside autocast, as PyTorch advises
+        sync = contextlib.nullcontext()
+        if plain_ddp and k < K - 1:
+            sync = model.no_sync()
+        with sync:  # forward and backward both: DDP prepares its all-reduce in forward
+            loss = micro_batch_loss(model, images, tokens, cached, k, autocast, args)
+            loss.backward()  # outside autocast, as PyTorch advises
         if gradients is not None:
             # RULE 3: the tree, not a running sum. The gradient is None again until the last
             # micro-batch's total, so that each backward writes its own.
@@ -348,7 +374,7 @@ def prepare_data(args, run_dir, proc, clock):
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
     check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
-                     rows.numbers)
+                rows.numbers)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:
@@ -436,24 +462,6 @@ def make_schedule(args, usable, world):
     return Schedule(global_batch, steps_per_epoch, total_steps, warmup, save_every)
 
 
-def find_resume_point(args, proc):
-    """(path, checkpoint) that --resume names, loaded on every rank; None where there is none
-    (no --resume, or --resume auto in a folder without a checkpoint: a fresh start)."""
-    if not args.resume:
-        return None
-    path = args.resume
-    checkpoint = None
-    if args.resume == "auto":
-        if proc.is_main:
-            path, checkpoint = run_folder.find_resume_checkpoint(args.output_dir)
-        # RULE 8: rank 0 chooses and every rank loads that one, so ranks with node-local disks or
-        # a stale network-filesystem cache never start from different checkpoints.
-        path = distributed.gather_objects(path)[0]
-    if path and checkpoint is None:
-        checkpoint = read_weights_file(path)
-    return (path, checkpoint) if checkpoint else None
-
-
 def resume_or_start(resume_point, model, optimizer, identity, proc):
     """(first step, steps skipped so far): from the checkpoint of find_resume_point, else 0."""
     if not resume_point:
@@ -466,7 +474,7 @@ def resume_or_start(resume_point, model, optimizer, identity, proc):
     # the step (which fixes the schedule and the sampler's position) and the random states.
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    run_folder.set_rng_states(checkpoint["rng"])
+    run_folder.set_rng_states(checkpoint["rng"], proc)
     checkpoint.clear()  # its tensors are copied: free them (~1.8 GB for ViT-B-32 with AdamW)
     if proc.is_main:
         print(f"resuming from {path} at step {start_step}")
@@ -474,13 +482,19 @@ def resume_or_start(resume_point, model, optimizer, identity, proc):
 
 
 def distribute(model, args, world):
-    """The model as the loop calls it: in DDP on several processes, compiled if asked."""
+    """The model as the loop calls it: in DDP on several processes, with the tree hook where
+    its bits are promised, compiled if asked."""
     if world > 1:
         # static_graph lets DDP plan its all-reduces once; --accum-steps's no-grad caching pass
         # changes the graph.
+        tree = uses_tree_hook(args, world)
+        if tree:
+            refuse_python_reducer()
         model = DDP(model, gradient_as_bucket_view=True, static_graph=args.accum_steps == 1)
-        # RULE 3: the gradients' sum in one order for any split of the global batch.
-        model.register_comm_hook(MicroBatchGradients(args.accum_steps), tree_all_reduce_hook)
+        if tree:
+            # RULE 3: the gradients' sum in one order for any split of the global batch.
+            model.register_comm_hook(MicroBatchGradients(args.accum_steps),
+                                     tree_all_reduce_hook)
     if args.compile:
         model = torch.compile(model)  # after DDP, as PyTorch advises
     return model
@@ -501,12 +515,14 @@ def make_loader(args, train_data, tokenizer, cfg, schedule, start_step, proc):
 # ----------------------------------------------------------------------------- the loop
 
 def save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity, is_main):
-    """Rank 0 saves the state after step `done`; the others wait for it."""
+    """Rank 0 saves the state after step `done`, with every rank's random states; the others
+    wait for it."""
+    rng = run_folder.rng_states_of_every_rank()  # a collective: every rank takes part
     if is_main:
         run_folder.save_checkpoint(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
             "epoch": epoch, "config": vars(model.config), "args": vars(args),
-            "rng": run_folder.rng_states(), "skipped_steps": skipped, "run_identity": identity})
+            "rng": rng, "skipped_steps": skipped, "run_identity": identity})
     distributed.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
 
 
@@ -612,9 +628,9 @@ def run(args, run_dir, proc, resume_point, started):
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    proc = distributed.setup_distributed()
+    proc = distributed.setup_distributed(args.dist_timeout)
     # A resume continues the run its checkpoint recorded, with that run's flags.
-    resume_point = find_resume_point(args, proc)
+    resume_point = run_folder.find_resume_point(args, proc)
     if resume_point:
         path, checkpoint = resume_point
         args = continue_recorded_run(args, given_flags(argv), checkpoint.get("args", {}), path)

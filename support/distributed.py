@@ -1,5 +1,6 @@
 """The process group: joining the job torchrun started (gloo on CPU, NCCL on GPU), and the few
 collectives the run's bookkeeping needs (a barrier, a minimum, a mean, a gather of objects)."""
+import datetime
 import os
 from typing import NamedTuple
 
@@ -51,8 +52,10 @@ class Process(NamedTuple):
         return self.rank == 0
 
 
-def setup_distributed():
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python train.py` is world size 1."""
+def setup_distributed(timeout_minutes=60):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `python train.py` is world size 1.
+    A collective that waits longer than `timeout_minutes` stops the run with an error: NCCL's
+    own default, 10 minutes, is shorter than what rank 0 may do alone before a barrier."""
     if "RANK" not in os.environ:
         return Process(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank = int(os.environ["RANK"])
@@ -75,8 +78,10 @@ def setup_distributed():
     store = next(dist.rendezvous("env://"))[0]
     if shared:
         store = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if device.type == "cuda":
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device,
+                                timeout=timeout)
     else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return Process(rank, world, device)

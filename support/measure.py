@@ -1,12 +1,29 @@
-"""bench.py's stopwatch and meters: step times with the device synchronised, the peak matmul
-rate MFU is measured against, peak memory, the device's name."""
+"""Stopwatches and meters: train.py's seconds per start-up phase; bench.py's step times with the
+device synchronised, the peak matmul rate MFU is measured against, peak memory, the device's
+name; the copies train.py's tree holds under accumulation; bench.py's set-up lines."""
 import platform
 import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
+
+class Stopwatch:
+    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
+    scales with the rows shows, printed at start and kept in the manifest."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase):
+        """The time since the last lap is `phase`'s."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
+
 
 def time_steps(step, warmup, steps, device):
     """Call step() warmup + steps times; the seconds of each timed call, the device synchronised
@@ -89,3 +106,31 @@ def measure(name, step, args, flops, peak, device, peak_now=None):
           f"= {100 * mfu:.1f}% MFU of the start peak{beside}, "
           f"peak memory {memory:.0f} MiB ({memory_kind})")
     return samples_per_s, mfu_now
+
+
+def held_bytes(gradients):
+    """The bytes of the copies that the micro-batches' trees hold now (each storage once)."""
+    storages = {}
+    for tree in gradients.trees.values():
+        for _, subtree in tree.subtrees:
+            storage = subtree.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def print_setup(args, cfg, device, freed_memory_kept):
+    """Everything that decides the figures, and the loss's memory at --world-size."""
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads, {args.precision}, "
+          f"deterministic {args.deterministic}, TF32 {torch.backends.cuda.matmul.allow_tf32}, "
+          f"compile {args.compile}, grad checkpointing {args.grad_checkpointing}")
+    print(f"model {args.model}: {asdict(cfg)}")
+    if device.type == "cpu":
+        print(f"process peak RSS before the benchmark (the libraries): {peak_rss_mib():.0f} MiB; "
+              f"freed memory kept for reuse (keep_freed_memory): {freed_memory_kept}")
+    # The global loss scores all N*B samples against all N*B on every rank; the local, its B rows.
+    world_batch = args.world_size * args.batch_size
+    mib = 4 / 2**20  # an fp32 logit
+    print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: "
+          f"global {world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, "
+          f"local {args.batch_size}x{world_batch} = {args.batch_size * world_batch * mib:.2f} MiB")

@@ -3,6 +3,7 @@ checkpoint carries, the identity that a resume must match (RULE 8), and the log 
 the step a resume starts from."""
 import contextlib
 import fcntl
+import io
 import json
 import os
 import random
@@ -107,7 +108,30 @@ def rng_states():
             "numpy_pos": int(numpy_state[2]), "python": list(random.getstate()[1]), "cuda": cuda}
 
 
-def set_rng_states(states):
+def rng_states_of_every_rank():
+    """[rank 0's rng_states(), rank 1's, ...]: what a checkpoint keeps, so that each rank
+    resumes its own."""
+    # As bytes: all_gather_object cannot unpickle a tensor's storage (torch 2.14).
+    mine = io.BytesIO()
+    torch.save(rng_states(), mine)
+    gathered = gather_objects(mine.getvalue())
+    return [torch.load(io.BytesIO(states), weights_only=True) for states in gathered]
+
+
+def set_rng_states(saved, proc):
+    """Restore this rank's random states from a checkpoint's list of every rank's.
+
+    On another number of processes than the checkpoint's, rank r no longer holds the
+    micro-batches the saved rank r held (RULE 3 hands them out anew), so no saved rank is
+    this one's: every rank takes rank 0's, as every rank started from the same seed."""
+    if isinstance(saved, dict):  # a checkpoint of an older version: rank 0's alone
+        saved = [saved] * proc.world
+    states = saved[0]
+    if len(saved) == proc.world:
+        states = saved[proc.rank]
+    elif proc.is_main:
+        print(f"note: the checkpoint holds the random states of {len(saved)} process(es), this "
+              f"run has {proc.world}: every rank resumes rank 0's")
     # RULE 8: a resumed run draws the random numbers the uninterrupted one would have drawn.
     torch.set_rng_state(states["torch"])
     np.random.set_state(("MT19937", states["numpy"].numpy(), states["numpy_pos"], 0, 0.0))
@@ -169,3 +193,21 @@ def find_resume_checkpoint(run_dir):
         except UsageError as e:
             print(f"warning: skipping {e}")
     return None, None
+
+
+def find_resume_point(args, proc):
+    """(path, checkpoint) that --resume names, loaded on every rank; None where there is none
+    (no --resume, or --resume auto in a folder without a checkpoint: a fresh start)."""
+    if not args.resume:
+        return None
+    path = args.resume
+    checkpoint = None
+    if args.resume == "auto":
+        if proc.is_main:
+            path, checkpoint = find_resume_checkpoint(args.output_dir)
+        # RULE 8: rank 0 chooses and every rank loads that one, so ranks with node-local disks or
+        # a stale network-filesystem cache never start from different checkpoints.
+        path = gather_objects(path)[0]
+    if path and checkpoint is None:
+        checkpoint = read_weights_file(path)
+    return (path, checkpoint) if checkpoint else None

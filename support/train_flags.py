@@ -96,6 +96,13 @@ def make_parser():
     add("--resume", help="'auto' (newest valid checkpoint in --output-dir) or a checkpoint path")
     add("--compile", action="store_true",
         help="torch.compile the model (see docs/performance.md for what it gains)")
+    add("--reduction", choices=["tree", "ddp"], default="tree",
+        help="tree: RULE 3's bitwise sum of the gradients where the guarantee is bitwise (DDP's "
+             "all-reduce elsewhere); ddp: DDP's all-reduce always, faster across nodes, the "
+             "guarantee then float rounding (docs/performance.md)")
+    add("--dist-timeout", type=float, default=60,
+        help="minutes a collective may wait before the run stops with an error: long enough "
+             "for rank 0's start-up alone (a BPE on a million captions, --check-data)")
     add("--skip-nonfinite", type=int, default=0,
         help="skip up to N steps whose loss or gradient is not finite, instead of stopping")
     add("--zeroshot-every", type=int, default=0, metavar="N",
@@ -135,6 +142,7 @@ MAY_CHANGE_ON_RESUME = {
     "image_root": "where the images are",
     "zeroshot_every": "scores the model, changes no bit of it (tests/test_reproducibility.py)",
     "zeroshot_data": "what --zeroshot-every scores",
+    "dist_timeout": "how long a collective may wait",
 }
 MUST_MATCH_ON_RESUME = [
     "csv_img_key", "csv_caption_key", "csv_separator", "csv_split_key", "train_split",
@@ -142,7 +150,7 @@ MUST_MATCH_ON_RESUME = [
     "jpeg_draft", "model", "tokenizer", "pretrained", "activation", "batch_size", "epochs",
     "max_steps", "lr", "wd", "warmup", "beta1", "beta2", "eps", "grad_clip_norm", "precision",
     "seed", "local_loss", "gather_with_grad", "deterministic", "grad_checkpointing", "compile",
-    "skip_nonfinite",
+    "skip_nonfinite", "reduction",
 ]
 
 
@@ -180,6 +188,7 @@ def check_flags(args):
         (args.lr > 0, "--lr must be positive"),
         (args.workers >= 0, "--workers cannot be negative"),
         (args.zeroshot_every >= 0, "--zeroshot-every cannot be negative"),
+        (args.dist_timeout > 0, "--dist-timeout must be positive"),
         (args.resume != "auto" or args.output_dir,
          "--resume auto needs the --output-dir of the run"),
         (args.pretrained or not args.activation, "--activation applies to --pretrained weights; "

@@ -1,5 +1,5 @@
-"""What a run writes and watches: log.jsonl with the progress bar, the check for a non-finite
-loss or gradient that costs no synchronisation per step, and the start-up's stopwatch."""
+"""What the training loop writes and watches: log.jsonl with the progress bar, and the check for
+a non-finite loss or gradient that costs no synchronisation per step."""
 import json
 import time
 
@@ -89,18 +89,3 @@ class NonFiniteLoss:
             raise UsageError(f"the loss or its gradient was not finite at step {first}; the last "
                              f"good checkpoint is kept in {self.run_dir}/checkpoints. Lower --lr, "
                              "set --grad-clip-norm, or pass --skip-nonfinite N.")
-
-
-class Stopwatch:
-    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
-    scales with the rows shows, printed at start and kept in the manifest."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.last = time.perf_counter()
-
-    def lap(self, phase):
-        """The time since the last lap is `phase`'s."""
-        now = time.perf_counter()
-        self.seconds[phase] = round(now - self.last, 3)
-        self.last = now

@@ -135,9 +135,12 @@ def test_bench_runs_both_parts_and_prints_throughput_and_mfu(demo_csv):
 
 @pytest.mark.slow
 def test_ddp_mode_times_the_tree_hook_against_ddps_all_reduce(capsys):
-    """bench.py --ddp 2: both reductions really run, and the cost is printed from their times."""
-    bench.main(["--ddp", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    """bench.py --ddp 2: both reductions really run, and the cost is printed from their times;
+    the tree holds log2 K copies of the gradients under --accum-steps K."""
+    bench.main(["--ddp", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                "--accum-steps", "4"])
+    line, copies = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert "2.00 x the" in copies, copies
     found = re.search(rf"step {NUMBER} ms with DDP's all-reduce, {NUMBER} ms with the tree hook "
                       rf"\(([+-]\d+\.\d)%; medians of 4\)", line)
     assert found, line

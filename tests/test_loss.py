@@ -1,7 +1,8 @@
 """The distributed contrastive loss against the symmetric InfoNCE of one process on the
 concatenated batch (written out in test_references.py, independent of train.py), against
 OpenCLIP's ClipLoss semantics in all four flag combinations, and train_step's accumulation with
-DDP's tree hook against one process (the same bits, RULE 3) and one step on the whole batch.
+DDP's tree hook against one process (the same bits, RULE 3) and one step on the whole batch;
+plain DDP where no bits are promised, all-reducing once per step.
 
 Real gloo process groups (world sizes 2 and 3) on the CPU, float64, DDP-style gradient averaging.
 This is the gradient table in train.contrastive_loss's docstring, proved.
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import train
 from conftest import relative_difference
@@ -94,6 +96,8 @@ def worker(rank, world, rendezvous, results):
     dist.all_gather_object(out["non_contiguous"], non_contiguous_gradients(rank))
     if world == 2:  # the tree needs a power-of-two number of processes
         out["accumulated"] = accumulated_gradients(rank, world)
+        out["plain ddp"] = plain_ddp_gradients(rank, world)
+        out["tree hook"] = {flags: tree_hook_registered(flags, world) for flags in HOOK_FLAGS}
     if rank == 0:
         torch.save(out, results)
     dist.destroy_process_group()
@@ -197,10 +201,11 @@ def clip_and_batch(samples):
     return model, images, tokens
 
 
-def step_gradients(model, micro_batches, precision):
-    """train.py's step on the CPU, fp32 or under bf16 autocast: the gradients by name."""
+def step_gradients(model, micro_batches, precision, flags=()):
+    """train.py's step on the CPU, fp32 or under bf16 autocast: the gradients by name. `flags`:
+    those the model was distributed with."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    train.train_step(model, micro_batches, train.parse_args([]), autocast)
+    train.train_step(model, micro_batches, train.parse_args(list(flags)), autocast)
     gradients = {name.removeprefix("module."): p.grad.clone()
                  for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -220,6 +225,72 @@ def accumulated_gradients(rank, world):
     micro_batches = micro_batches_of(images[mine], tokens[mine], 4)
     return {precision: step_gradients(ddp, micro_batches, precision)
             for precision in ("fp32", "bf16")}
+
+
+def plain_ddp_gradients(rank, world):
+    """train_step under --reduction ddp with --accum-steps 2, as accumulated_gradients: fp32
+    gradients, and the buckets DDP's all-reduce (a counting copy of it) was called for."""
+    model, images, tokens = clip_and_batch(16)
+    flags = ["--accum-steps", "2", "--reduction", "ddp"]
+    ddp = train.distribute(model, train.parse_args(flags), world)
+    reduced = []
+
+    def counted_all_reduce(state, bucket):
+        reduced.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counted_all_reduce)  # none was: no tree under --reduction ddp
+    mine = slice(rank * 8, (rank + 1) * 8)
+    micro_batches = micro_batches_of(images[mine], tokens[mine], 4)
+    gradients = step_gradients(ddp, micro_batches, "fp32", flags)
+    return gradients, reduced
+
+
+HOOK_FLAGS = [(), ("--reduction", "ddp"), ("--local-loss",), ("--accum-steps", "3"),
+              ("--no-gather-with-grad",), ("--accum-steps", "2")]
+
+
+def tree_hook_registered(flags, world):
+    """Whether train.distribute gave DDP the tree hook under `flags`."""
+    model, _, _ = clip_and_batch(0)
+    return bool(train.distribute(model, train.parse_args(list(flags)), world)._comm_hooks)
+
+
+def test_ddp_gets_the_tree_hook_only_where_the_guarantee_is_bitwise(distributed):
+    world, _, results = distributed
+    if "tree hook" not in results:
+        pytest.skip("the tree needs a power-of-two number of processes")
+    for flags, registered in results["tree hook"].items():
+        level = train.world_size_guarantee(train.parse_args(list(flags)), world)["level"]
+        assert registered == (level == "bitwise"), flags
+    assert results["tree hook"][()] and not results["tree hook"][("--reduction", "ddp")]
+
+
+def test_plain_ddp_all_reduces_once_per_step_and_sums_the_micro_batches(distributed):
+    """--reduction ddp, 2 ranks x 2 micro-batches: no_sync for the first, so each bucket is
+    all-reduced once; the gradients those of 1 process x 4 micro-batches up to float rounding."""
+    world, _, results = distributed
+    if "plain ddp" not in results:
+        pytest.skip("run at world size 2")
+    gradients, reduced = results["plain ddp"]
+    assert reduced and len(reduced) == len(set(reduced))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, images, tokens = clip_and_batch(16)
+        one_process = step_gradients(model, micro_batches_of(images, tokens, 4), "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_difference(gradients, one_process) < 1e-5
+
+
+def test_the_tree_hook_under_pythons_reducer_is_refused_in_one_line():
+    """Compiled autograd's DDP calls a hook per parameter; refused before DDP is built."""
+    from support.errors import UsageError
+    model, _, _ = clip_and_batch(0)
+    with torch._dynamo.config.patch(optimize_ddp="python_reducer"):
+        with pytest.raises(UsageError, match="python_reducer"):
+            train.distribute(model, train.parse_args([]), 2)
 
 
 def test_accumulation_with_ddp_gives_the_bits_of_one_process_and_the_whole_batch_gradient(

@@ -117,7 +117,8 @@ def test_the_tree_sum_adds_subtree_sums_in_one_order():
 @pytest.mark.parametrize("flags, world, level", [
     ([], 4, "bitwise"), (["--accum-steps", "2"], 8, "bitwise"), ([], 3, "float rounding"),
     (["--accum-steps", "3"], 2, "float rounding"), (["--local-loss"], 2, "float rounding"),
-    (["--no-deterministic"], 1, "float rounding"), (["--no-gather-with-grad"], 2, "none")])
+    (["--no-deterministic"], 1, "float rounding"), (["--no-gather-with-grad"], 2, "none"),
+    (["--reduction", "ddp"], 4, "float rounding"), (["--reduction", "ddp"], 1, "float rounding")])
 def test_the_world_size_guarantee_names_what_holds(flags, world, level):
     import train
     assert train.world_size_guarantee(train.parse_args(flags), world)["level"] == level

@@ -5,16 +5,21 @@ change as long as the global batch does not (RULE 3). One job holds a run folder
 import argparse
 import json
 import os
+import random
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import train
 from conftest import (finish_train, run_train, small_run, start_small_run, wait_until)
 from support import run_folder, train_flags
 from support.errors import UsageError
+from support.distributed import Process
 
 FP32 = ["--precision", "fp32", "--lr", "1e-3", "--warmup", 2, "--max-steps", 6, "--save-every", 3]
 
@@ -62,6 +67,7 @@ def test_resume_on_half_the_processes_with_accumulation_continues_the_same_run(
     resumed = small_run(small_csv, demo_csv, stopped, *FP32, "--batch-size", 8,
                         "--accum-steps", 2, "--resume", "auto", env={"OMP_NUM_THREADS": "1"})
     assert resumed["step"] == whole["step"] == 6
+    assert len(whole["rng"]) == 2 and len(resumed["rng"]) == 1  # each rank's random states
     different = [name for name in whole["model"]
                  if not torch.equal(resumed["model"][name], whole["model"][name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -210,3 +216,49 @@ def test_a_second_job_on_a_live_run_folder_is_refused_and_a_resume_after_kill_is
     run_train("--resume", "auto", "--output-dir", killed, nproc=2)
     done = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)
     assert done["step"] == 40
+
+
+def draws():
+    """A number from each generator a run seeds (RULE 1)."""
+    return [torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)]]
+
+
+def resume_random_states(rank, world, rendezvous, results):
+    """One rank: draw from generators seeded apart, save every rank's states as a checkpoint
+    does, draw on, then restore, on this number of processes and on one, and draw again."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(10 + rank)
+    np.random.seed(10 + rank)
+    random.seed(10 + rank)
+    saved = run_folder.rng_states_of_every_rank()
+    expected = draws()
+    run_folder.set_rng_states(saved, Process(rank, world, torch.device("cpu")))
+    resumed = draws()
+    run_folder.set_rng_states(saved, Process(0, 1, torch.device("cpu")))  # on 1 process
+    on_one_process = draws()
+    everybody = [None] * world
+    dist.all_gather_object(everybody, (len(saved), expected, resumed, on_one_process))
+    if rank == 0:
+        torch.save(everybody, results)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_random_states(tmp_path):
+    """2 gloo ranks whose generators differ: each draws after a resume what it drew before;
+    resumed on 1 process, the one rank draws rank 0's numbers, as the note it prints says."""
+    world = 2
+    results = tmp_path / "results.pt"
+    mp.start_processes(resume_random_states, args=(world, str(tmp_path / "rendezvous"),
+                                                   str(results)),
+                       nprocs=world, start_method="fork")
+    everybody = torch.load(results, weights_only=False)
+    rank0_expected = everybody[0][1]
+    for saved_count, expected, resumed, on_one_process in everybody:
+        assert saved_count == world
+        for before, after, alone, rank0 in zip(expected, resumed, on_one_process, rank0_expected):
+            assert np.array_equal(np.asarray(before), np.asarray(after))
+            assert np.array_equal(np.asarray(alone), np.asarray(rank0))
+    assert not np.array_equal(np.asarray(everybody[1][1][0]), np.asarray(rank0_expected[0]))
