@@ -11,6 +11,42 @@ import torch
 
 from support.errors import UsageError
 
+
+def check_output(path, flag, folder=False):
+    """Refuse, before any work, an output that could not be written there, naming the path and
+    the cause: for a file, a path that is a folder, or whose folder is missing or read-only; for
+    a `folder` (made if it is missing), a path that is a file, or whose nearest existing folder
+    is read-only. The work itself may take an hour; a typo should cost a second."""
+    path = os.fspath(path)
+    if not folder and os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; pass a file's path.")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder; pass a folder's path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder:  # made with its missing parents: the nearest folder that exists decides
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    if not os.path.exists(parent):
+        raise UsageError(f"{flag} {path}: its folder {parent} does not exist; create it first, "
+                         "or pass a path in a folder that exists.")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder.")
+    # access(2) also says no on a read-only file system. (Root passes it on any mode.)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {parent}; pass a path in a "
+                         "folder you can write to.")
+
+
+def give_ordinary_modes(folder):
+    """Give every file in `folder` the mode that open() gives a new file: 0666 less the umask.
+    Some writers (safetensors) make their files 0600, readable by their owner alone."""
+    umask = os.umask(0)  # the only way to read the umask is to set it: put it back at once
+    os.umask(umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def remove(path):
     """Delete a file or a whole folder."""
     if os.path.isdir(path):
@@ -23,6 +59,7 @@ def atomic_write(path, write):
     """write(temporary path), a file or a new folder, then rename it into place."""
     # RULE 8: a kill leaves the old file intact, and no half-written one that a resume would load
     # (remove_leftovers tidies up after it).
+    path = os.path.normpath(path)  # "out/" would put the temporary name inside the folder
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -257,6 +257,7 @@ def test_multi_seed_table_groups_runs_by_manifest_and_uses_sample_std(tmp_path, 
         return result
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
     output = tmp_path / "study" / "results.json"
+    os.makedirs(output.parent)  # an --output in a folder that does not exist is refused
     evaluate.main(["--runs", *folders, *datasets, "--output", str(output),
                    "--figure", str(tmp_path / "study.png")])
     study = json.loads(output.read_text())
