@@ -285,14 +285,14 @@ def legend_handles(score_artists, found):
     """What each mark means, for the legend under the figure: {label: artist}."""
     from matplotlib.lines import Line2D
     handles = dict(score_artists)
-    interval = f"difference of means, {CONFIDENCE:.0%} Welch interval"
     if found:
-        handles[f"{interval}: within seed noise"] = Line2D([], [], color="grey", marker="o")
-        handles[f"{interval}: beyond seed noise"] = Line2D([], [], color="tab:red", marker="o")
+        within = f"difference of means, {CONFIDENCE:.0%} Welch interval: within seed noise"
+        handles[within] = Line2D([], [], color="grey", marker="o")
+        handles["the same, beyond seed noise"] = Line2D([], [], color="tab:red", marker="o")
     low, high = POSSIBLE
     if any(c["interval"] and not low <= c["interval"][0] <= c["interval"][1] <= high
            for c in found):
-        handles[f"interval cut at {low} or +{high}, what a difference can be"] = Line2D(
+        handles[f"interval cut at {low} or +{high}"] = Line2D(
             [], [], color="grey", marker=">", linestyle="none")
     return handles
 
@@ -306,8 +306,9 @@ def draw_figure(configurations, found, path):
     labels = [c["label"] for c in configurations]
     pairs = [f"{c['setting']} {c['from']}→{c['to']}, {METHODS[c['method']]}"
              for c in found if c["dataset"] == tasks[0]]
+    legend_columns = min(2, len(tasks))  # one panel wide: the legend's lines one under another
     size = (3 * len(tasks) + 0.07 * max(map(len, labels + pairs)),
-            2 + 0.7 * len(labels) + 0.3 * len(pairs))
+            1.5 + 0.7 * len(labels) + 0.3 * len(pairs) + 0.9 / legend_columns)
     figure = Figure(figsize=size, layout="constrained")
     axes = figure.subplots(len(METHODS) + bool(pairs), len(tasks), squeeze=False, sharex="row")
     headline = HEADLINE.replace("_", " ")
@@ -332,6 +333,6 @@ def draw_figure(configurations, found, path):
             ax.set_ylim(len(names) - 0.5, -0.5)  # the first on top, as in the table
     handles = legend_handles(artists, found)
     figure.legend(list(handles.values()), list(handles), loc="outside lower center",
-                  ncols=2, fontsize=8)
+                  ncols=legend_columns, fontsize=8)
     figure.savefig(path, dpi=120)
     return figure
