@@ -1,5 +1,6 @@
-"""Files written so that a kill never leaves half of one (temporary name, fsync, rename), and
-the fingerprints of files and weights that the manifest records."""
+"""Files written so that a kill never leaves half of one (temporary name, fsync, rename), output
+paths checked before the work that fills them, and the fingerprints of files and weights that the
+manifest records."""
 import contextlib
 import hashlib
 import json
