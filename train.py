@@ -38,6 +38,7 @@ import data
 import evaluate
 from model import CLIP, model_config
 from support import demo_data, distributed, run_folder
+from support.csv_table import check_paths
 from support.data_checks import report_crop_fallback, report_split, usable_samples
 from support.errors import UsageError, run_main
 from support.files import atomic_write, file_sha256, weights_sha256, write_json
@@ -360,8 +361,8 @@ def prepare_data(args, run_dir, proc, clock):
         args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator,
         args.csv_split_key, args.train_split)
     clock.lap("read and filter")  # one pass: the split is filtered as the rows are read
-    data.check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
-                     rows.numbers)
+    check_paths(rows.paths, image_root(args), args.train_data, args.allow_absolute_paths,
+                rows.numbers)
     samples = usable_samples(args, rows, run_dir, proc)
     crop_fallback = None
     if proc.is_main:

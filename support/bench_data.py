@@ -17,7 +17,7 @@ from PIL import Image
 import data
 from model import model_config
 from support import demo_data, train_flags
-from support.csv_table import QUILT_COLUMNS
+from support.csv_table import QUILT_COLUMNS, check_paths
 from support.errors import UsageError
 from support.measure import peak_rss_mib
 from support.resize import resize_image
@@ -317,7 +317,7 @@ def checks_overhead():
           f"{min(checked) * 1e6:.0f} us ({cost:+.1f}%)")
     many = [path for path, _ in rows] * 170
     started = time.perf_counter()
-    data.check_paths(many, root, csv_path, False)
+    check_paths(many, root, csv_path, False)
     per_row = (time.perf_counter() - started) / len(many)
     print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row "
           f"(QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
