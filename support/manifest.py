@@ -10,6 +10,7 @@ import torch
 import data
 from support.files import write_json
 from support.machine import environment
+from support.resize import resize_record
 from support.tree_all_reduce import world_size_guarantee
 
 def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, resumed,
@@ -33,7 +34,7 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, re
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
                        "sha256": train_data.sha256,
-                       "resized": data.resize_record(args.train_data)},
+                       "resized": resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
         "determinism": {"deterministic": args.deterministic,
