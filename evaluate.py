@@ -25,11 +25,12 @@ import data
 from model import CLIP
 from support import demo_data, image_sets
 from support.errors import UsageError, run_main
-from support.files import atomic_write, file_sha256, read_json, write_json
+from support.files import (atomic_write, check_output, checkpoint_sha256, read_json,
+                           write_json)
 from support.image_sets import LC25000_NOTE
 from support.pretrained import run_tokenizer_folder
-from support.study import (HEADLINE, NOT_CONFIGURATION, comparisons, draw_figure, group_runs,
-                           print_comparisons, print_table, study)
+from support.study import (comparisons, draw_figure, finished_runs, group_runs,
+                           print_comparisons, print_table, study, write_results)
 from support.train_flags import key_value
 
 # The Quilt-1M evaluation's class names and prompt templates. Keys are the released folder names (or
@@ -46,6 +47,9 @@ TEMPLATES = ["a histopathology slide showing {}.", "histopathology image of {}."
 TEST_FRACTION = 0.5    # of each class, where no test split is official (LC25000, image folders)
 VALID_FRACTION = 0.2   # of each class of the training part, where no valid split is official
 WEIGHT_DECAYS = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]  # the probe's L2 strengths, strongest first
+# --runs' results without --output: in the current folder, not among the runs, so that a later
+# `--runs runs/*` finds run folders alone there. Its absolute path is printed.
+STUDY_OUTPUT = "results.json"
 
 
 # ----------------------------------------------------------------------------- splits and features
@@ -269,15 +273,6 @@ def linear_probe(train, valid, test, num_classes, refit, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_sha256(path):
-    """sha256 of a weights file; of a Hugging Face CLIPModel folder, over its files' sha256s."""
-    if os.path.isfile(path):
-        return file_sha256(path)
-    files = sorted(os.path.relpath(os.path.join(folder, name), path)
-                   for folder, _, names in os.walk(path) for name in names)
-    listing = "".join(f"{f}\t{file_sha256(os.path.join(path, f))}\n" for f in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
 
 def evaluate_checkpoint(checkpoint, request, datasets, tasks, args):
     """Zero-shot and linear probe of one checkpoint on every dataset: a JSON-ready dict."""
@@ -337,7 +332,8 @@ def parse_args(argv=None):
       help="the PatchCamelyon split to score (default: test)")
     a("--split-seed", type=int, default=0,
       help="seed of the stratified splits carved where none is official (default: 0)")
-    a("--output", help="JSON (default: CHECKPOINT.eval.json; results.json with --runs)")
+    a("--output", help="JSON (default: CHECKPOINT.eval.json; with --runs, results.json in the "
+      "current folder)")
     a("--figure", metavar="PNG", help="draw every configuration's and seed's scores here")
     a("--cache-dir", help="image features cache (default: RUN/eval_cache)")
     a("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
@@ -372,9 +368,14 @@ def dataset_fingerprints(datasets, tasks, args):
     return fingerprints
 
 
+def stored_results(checkpoint):
+    """Where a checkpoint's results are kept: RUN/checkpoints/latest.eval.json."""
+    return os.path.splitext(os.path.normpath(checkpoint))[0] + ".eval.json"
+
+
 def evaluate_or_reuse(run, checkpoint, request, datasets, tasks, args):
     """A run's stored results if made from these weights, images and protocol; else evaluated."""
-    stored_path = os.path.splitext(checkpoint)[0] + ".eval.json"  # RUN/checkpoints/latest.eval.json
+    stored_path = stored_results(checkpoint)
     stored = {}
     if args.runs and os.path.isfile(stored_path):
         stored = read_json(stored_path, run)
@@ -388,25 +389,38 @@ def evaluate_or_reuse(run, checkpoint, request, datasets, tasks, args):
     return result
 
 
+def check_outputs(args):
+    """Refuse, before any work, a --output or --figure that could not be written: an evaluation
+    can take an hour, and a typo in a path should cost a second."""
+    if args.output:
+        check_output(args.output, "--output")
+    elif args.runs:
+        check_output(STUDY_OUTPUT, "--output (default)")
+    elif os.path.exists(args.checkpoint):  # a published model's folder may be read-only
+        check_output(stored_results(args.checkpoint), "--output (default)")
+    if args.figure:
+        check_output(args.figure, "--figure")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_outputs(args)
     tasks, datasets = task_definitions(args)
     fingerprints = dataset_fingerprints(datasets, tasks, args)
     protocol = {"split": args.split, "split_seed": args.split_seed, "test_fraction": TEST_FRACTION,
                 "valid_fraction": VALID_FRACTION, "weight_decays": WEIGHT_DECAYS,
                 "templates": TEMPLATES, "classnames": {task: tasks[task] for task in datasets},
                 "tokenizer": args.tokenizer, "activation": args.activation}
-    runs = args.runs or [args.checkpoint]
+    runs = [args.checkpoint]
     checkpoints = runs
     if args.runs:
-        checkpoints = [os.path.join(run, "checkpoints", "latest.pt") for run in args.runs]
-    for checkpoint in checkpoints:
-        if not os.path.exists(checkpoint):
-            hint = "; expected run folders of train.py." if args.runs else "."
-            raise UsageError(f"{checkpoint}: not found{hint}")
+        runs = finished_runs(args.runs)
+        checkpoints = [os.path.join(run, "checkpoints", "latest.pt") for run in runs]
+    elif not os.path.exists(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint}: not found.")
     groups = [{"label": args.checkpoint, "runs": runs, "configuration": {}, "hardware": {}}]
     if args.runs:
-        groups = group_runs(args.runs)
+        groups = group_runs(runs)
     results = {}
     for run, checkpoint in zip(runs, checkpoints):
         request = {"checkpoint_sha256": checkpoint_sha256(checkpoint),
@@ -417,17 +431,11 @@ def main(argv=None):
     print_table(configurations)
     print_comparisons(found)
     if args.runs:
-        record = {task: {"path": os.path.abspath(root), "fingerprints": fingerprints[task]}
-                  for task, root in datasets.items()}
-        output = args.output or "results.json"
-        write_json(output, {
-            "std": "sample standard deviation over seeds (ddof=1)", "headline_metric": HEADLINE,
-            "not_configuration": sorted(NOT_CONFIGURATION), "protocol": protocol,
-            "datasets": record, "configurations": configurations, "comparisons": found,
-            "runs": results})
-        print(f"wrote {output}")
+        write_results(args.output or STUDY_OUTPUT, datasets, fingerprints, protocol,
+                      configurations, found, results)
     if args.figure:
         draw_figure(configurations, found, args.figure)
+        print(f"wrote the figure to {os.path.abspath(args.figure)}")
     return results
 
 

@@ -14,7 +14,7 @@ import sys
 
 from support.curves import draw_curves
 from support.errors import run_main
-from support.files import check_output_path
+from support.files import check_output
 from support.grid import parse_vary, run_locally, write_grid
 
 
@@ -55,7 +55,7 @@ def main(argv=None):
     elif args.command == "run":
         run_locally(args.runs, args.nproc)
     else:
-        check_output_path(args.figure, "--figure")
+        check_output(args.figure, "--figure")
         draw_curves(args.run_dirs, args.figure)
         print(f"wrote {args.figure}")
 

@@ -299,12 +299,14 @@ class CLIP(nn.Module):
 
 
 def main(argv=None):
-    from support.hf_export import export_hf  # here: `import model` needs no data.py
+    # Imported here: `import model` needs no data.py.
+    from support.hf_export import check_export_target, export_hf
     parser = argparse.ArgumentParser(
         description="Write weights that CLIP.from_pretrained reads as a HF CLIPModel folder.",
         allow_abbrev=False)
     parser.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True)
     checkpoint, out_dir = parser.parse_args(argv).export_hf
+    check_export_target(out_dir)  # before the weights are read: a wrong path fails at once
     export_hf(CLIP.from_pretrained(checkpoint), checkpoint, out_dir)
 
 

@@ -1,5 +1,6 @@
-"""Files written so that a kill never leaves half of one (temporary name, fsync, rename), and
-the fingerprints of files and weights that the manifest records."""
+"""Files written so that a kill never leaves half of one (temporary name, fsync, rename), output
+paths checked before the work that fills them, and the fingerprints of files and weights that the
+manifest records."""
 import contextlib
 import hashlib
 import json
@@ -10,6 +11,42 @@ from pathlib import Path
 import torch
 
 from support.errors import UsageError
+
+
+def check_output(path, flag, folder=False):
+    """Refuse, before any work, an output that could not be written there, naming the path and
+    the cause: for a file, a path that is a folder, or whose folder is missing or read-only; for
+    a `folder` (made if it is missing), a path that is a file, or whose nearest existing folder
+    is read-only. The work itself may take an hour; a typo should cost a second."""
+    path = os.fspath(path)
+    if not folder and os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; pass a file's path.")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder; pass a folder's path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder:  # made with its missing parents: the nearest folder that exists decides
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    if not os.path.exists(parent):
+        raise UsageError(f"{flag} {path}: its folder {parent} does not exist; create it first, "
+                         "or pass a path in a folder that exists.")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder.")
+    # access(2) also says no on a read-only file system. (Root passes it on any mode.)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {parent}; pass a path in a "
+                         "folder you can write to.")
+
+
+def give_ordinary_modes(folder):
+    """Give every file in `folder` the mode that open() gives a new file: 0666 less the umask.
+    Some writers (safetensors) make their files 0600, readable by their owner alone."""
+    umask = os.umask(0)  # the only way to read the umask is to set it: put it back at once
+    os.umask(umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
 
 def remove(path):
     """Delete a file or a whole folder."""
@@ -23,6 +60,7 @@ def atomic_write(path, write):
     """write(temporary path), a file or a new folder, then rename it into place."""
     # RULE 8: a kill leaves the old file intact, and no half-written one that a resume would load
     # (remove_leftovers tidies up after it).
+    path = os.path.normpath(path)  # "out/" would put the temporary name inside the folder
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -65,6 +103,16 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def checkpoint_sha256(path):
+    """sha256 of a weights file; of a Hugging Face CLIPModel folder, over its files' sha256s."""
+    if os.path.isfile(path):
+        return file_sha256(path)
+    files = sorted(os.path.relpath(os.path.join(folder, name), path)
+                   for folder, _, names in os.walk(path) for name in names)
+    listing = "".join(f"{f}\t{file_sha256(os.path.join(path, f))}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def weights_sha256(state_dict):
     """A fingerprint of the weights alone: names, dtypes, shapes and bytes, in a fixed order."""
     digest = hashlib.sha256()
@@ -80,16 +128,3 @@ def read_json(path, flag):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag}: cannot read {path} ({e}).")
-
-
-def check_output_path(path, flag):
-    """Refuse, before any work, an output file that could not be written: its folder missing,
-    not a folder, or not writable; or the path itself a folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: a folder, not a file. Name a file in it.")
-    if not os.path.isdir(folder):
-        cause = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise UsageError(f"{flag} {path}: its folder {folder} {cause}. Create it first.")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {path}: its folder {folder} is not writable.")

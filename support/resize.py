@@ -14,7 +14,7 @@ from PIL import Image, features
 
 from support.csv_table import leaves_root, open_columns, open_csv
 from support.errors import UsageError
-from support.files import atomic_write, file_sha256, write_json
+from support.files import atomic_write, check_output, file_sha256, write_json
 from support.images import BadSampleError, load_rgb
 
 # Fixed, so that the same source gives the same bytes (with the same Pillow and libjpeg).
@@ -191,6 +191,7 @@ def resize_dataset(args):
     source = args.source_csv
     csv_folder = os.path.dirname(os.path.abspath(source))
     image_root = args.image_root or csv_folder
+    check_output(args.out_dir, "OUT_DIR", folder=True)  # a file, a read-only folder: refused now
     check_out_dir(args.out_dir, image_root, csv_folder)
     tally = {"rows": 0, "bad_rows": 0}
     with open_csv(source, args.csv_separator, "SRC_CSV") as reader:

@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 
-from support.files import read_json
+from support.errors import UsageError
+from support.files import read_json, write_json
 from support.image_sets import LC25000_NOTE, LC25000_SUBFOLDER
 
 METRICS = ["accuracy", "balanced_accuracy", "weighted_f1"]
@@ -32,6 +33,24 @@ POWER = 0.8
 
 
 MAX_SEEDS = 1000   # "seeds needed" beyond this: the difference is too small for a study to resolve
+
+
+def finished_runs(runs):
+    """The run folders that can be studied; each other one is named, with the reason, and
+    skipped: a run that failed at its start leaves an empty checkpoints/ or no manifest."""
+    kept = []
+    for run in runs:
+        missing = [name for name in ("manifest.json", os.path.join("checkpoints", "latest.pt"))
+                   if not os.path.isfile(os.path.join(run, name))]
+        if missing:
+            print(f"skipping {run}: no {' and no '.join(missing)} (a run of train.py that "
+                  "stopped before its first checkpoint, or no run folder)")
+        else:
+            kept.append(run)
+    if not kept:
+        raise UsageError(f"--runs: none of the {len(runs)} folders holds manifest.json and "
+                         "checkpoints/latest.pt; pass the run folders of train.py.")
+    return kept
 
 
 def group_runs(runs):
@@ -215,38 +234,117 @@ def print_comparisons(found):
               f"{needed} seeds each to resolve")
 
 
+SEED_DOTS = dict(color="tab:blue", alpha=0.7)  # one seed's score
+POSSIBLE = (-1, 1)  # what a difference of two accuracies can be: an interval is clipped to it
+
+
+def draw_scores(ax, configurations, task, method):
+    """A row per configuration: its seeds' scores as dots, mean ± sample std as a bar below them.
+    Returns every x drawn, and the artists the legend shows."""
+    drawn = []
+    for y, c in enumerate(configurations):
+        s = c["summary"][task][method][HEADLINE]
+        seeds = ax.scatter(s["values"], np.full(s["n"], y - 0.15), s=14, **SEED_DOTS)
+        spread = s["std"] or 0  # None for one run: no bar
+        bar = ax.errorbar(s["mean"], y + 0.15, xerr=spread, fmt="o", color="black", capsize=3)
+        drawn += s["values"] + [s["mean"] - spread, s["mean"] + spread]
+    return drawn, {"one seed's score": seeds, "mean ± sample std over seeds": bar}
+
+
+def draw_differences(ax, found):
+    """A row per comparison: the difference of means as a dot, its interval as a line, red where
+    it excludes 0 (beyond the seeds' noise), cut at POSSIBLE with an arrowhead where cut.
+    Returns every x drawn."""
+    drawn = [0.0]
+    for y, c in enumerate(found):
+        colour = "tab:red" if c["beyond_seed_noise"] else "grey"
+        if c["interval"]:  # none with fewer than 2 seeds on a side: a dot alone
+            low, high = np.clip(c["interval"], *POSSIBLE)
+            ax.plot([low, high], [y, y], color=colour)
+            if c["interval"][0] < POSSIBLE[0]:
+                ax.plot(low, y, marker="<", color=colour)
+            if c["interval"][1] > POSSIBLE[1]:
+                ax.plot(high, y, marker=">", color=colour)
+            drawn += [low, high]
+        ax.scatter([c["difference"]], [y], color=colour, s=14)
+        drawn.append(c["difference"])
+    ax.axvline(0, color="black", linewidth=0.5)
+    return drawn
+
+
+def set_row_range(axes, drawn):
+    """One x-range for a row of panels (they share it), every mark inside with a margin: no
+    seed on an edge, where it would read as cut off."""
+    low = min(drawn)
+    high = max(drawn)
+    margin = max(0.08 * (high - low), 0.01)
+    axes[0].set_xlim(low - margin, high + margin)
+
+
+def legend_handles(score_artists, found):
+    """What each mark means, for the legend under the figure: {label: artist}."""
+    from matplotlib.lines import Line2D
+    handles = dict(score_artists)
+    if found:
+        within = f"difference of means, {CONFIDENCE:.0%} Welch interval: within seed noise"
+        handles[within] = Line2D([], [], color="grey", marker="o")
+        handles["the same, beyond seed noise"] = Line2D([], [], color="tab:red", marker="o")
+    low, high = POSSIBLE
+    if any(c["interval"] and not low <= c["interval"][0] <= c["interval"][1] <= high
+           for c in found):
+        handles[f"interval cut at {low} or +{high}"] = Line2D(
+            [], [], color="grey", marker=">", linestyle="none")
+    return handles
+
+
 def draw_figure(configurations, found, path):
     """Per method and dataset a panel, a row per configuration: seeds as dots, mean ± std a bar;
-    below, per dataset, each comparison's difference and interval (crossing 0: seed noise)."""
+    below, per dataset, each comparison's difference and interval (crossing 0: seed noise). Each
+    row of panels shares one x-scale; a legend says what the marks are. Returns the Figure."""
     from matplotlib.figure import Figure  # imported only when a figure is drawn; no display needed
     tasks = list(configurations[0]["summary"])
     labels = [c["label"] for c in configurations]
     pairs = [f"{c['setting']} {c['from']}→{c['to']}, {METHODS[c['method']]}"
              for c in found if c["dataset"] == tasks[0]]
+    legend_columns = min(2, len(tasks))  # one panel wide: the legend's lines one under another
     size = (3 * len(tasks) + 0.07 * max(map(len, labels + pairs)),
-            1 + 0.7 * len(labels) + 0.3 * len(pairs))
+            1.5 + 0.7 * len(labels) + 0.3 * len(pairs) + 0.9 / legend_columns)
     figure = Figure(figsize=size, layout="constrained")
-    axes = figure.subplots(len(METHODS) + bool(pairs), len(tasks), squeeze=False)
+    axes = figure.subplots(len(METHODS) + bool(pairs), len(tasks), squeeze=False, sharex="row")
+    headline = HEADLINE.replace("_", " ")
     for row, (method, title) in enumerate(METHODS.items()):
+        drawn = []
         for ax, task in zip(axes[row], tasks):
-            for y, c in enumerate(configurations):
-                s = c["summary"][task][method][HEADLINE]
-                dots = np.full(s["n"], y - 0.15)
-                ax.scatter(s["values"], dots, s=14, color="tab:blue", alpha=0.7)
-                spread = s["std"] or 0  # None for one run: no bar
-                ax.errorbar(s["mean"], y + 0.15, xerr=spread, fmt="o", color="black", capsize=3)
+            marks, artists = draw_scores(ax, configurations, task, method)
+            drawn += marks
             ax.set_title(f"{task}, {title}", fontsize=9)
-    for ax, task in zip(axes[-1] if pairs else [], tasks):
-        for y, c in enumerate(c for c in found if c["dataset"] == task):
-            colour = "tab:red" if c["beyond_seed_noise"] else "grey"  # red: beyond seed noise
-            if c["interval"]:  # none with fewer than 2 seeds on a side: a dot alone
-                ax.plot(c["interval"], [y, y], color=colour)
-            ax.scatter([c["difference"]], [y], color=colour, s=14)
-        ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_title(f"{task}: difference, {CONFIDENCE:.0%} interval", fontsize=9)
+            ax.set_xlabel(f"{title} {headline}", fontsize=8)
+        set_row_range(axes[row], drawn)
+    if pairs:
+        drawn = []
+        for ax, task in zip(axes[-1], tasks):
+            drawn += draw_differences(ax, [c for c in found if c["dataset"] == task])
+            ax.set_title(f"{task}: one setting apart", fontsize=9)
+            ax.set_xlabel(f"mean {headline} after → minus before", fontsize=8)
+        set_row_range(axes[-1], drawn)
     for row, names in enumerate([labels] * len(METHODS) + [pairs] * bool(pairs)):
         for column, ax in enumerate(axes[row]):
             ax.set_yticks(range(len(names)), names if column == 0 else [])
             ax.set_ylim(len(names) - 0.5, -0.5)  # the first on top, as in the table
-    figure.supxlabel(HEADLINE.replace("_", " "))
+    handles = legend_handles(artists, found)
+    figure.legend(list(handles.values()), list(handles), loc="outside lower center",
+                  ncols=legend_columns, fontsize=8)
     figure.savefig(path, dpi=120)
+    return figure
+
+
+def write_results(output, datasets, fingerprints, protocol, configurations, found, results):
+    """The study's results.json at `output`; says where."""
+    record = {task: {"path": os.path.abspath(root), "fingerprints": fingerprints[task]}
+              for task, root in datasets.items()}
+    write_json(output, {
+        "std": "sample standard deviation over seeds (ddof=1)", "headline_metric": HEADLINE,
+        "not_configuration": sorted(NOT_CONFIGURATION), "protocol": protocol,
+        "datasets": record, "configurations": configurations, "comparisons": found,
+        "runs": results})
+    print(f"wrote the study's results to {os.path.abspath(output)}")

@@ -3,6 +3,7 @@ zero-shot and the probe on a demo run, and the multi-seed table. Real files in t
 folder trees, HDF5 files, run folders with manifests."""
 import json
 import os
+import time
 
 import h5py
 import numpy as np
@@ -170,6 +171,53 @@ def test_a_broken_or_missing_dataset_path_gives_a_one_line_error(tmp_path, case)
     assert "\n" not in message and str(path) in message, message
 
 
+OUTPUTS = {  # an output path that cannot be written, and the cause its error names
+    "figure in a missing folder": ("--figure", "missing/study.png", "does not exist"),
+    "output in a missing folder": ("--output", "missing/results.json", "does not exist"),
+    "output that is a folder": ("--output", "folder", "is a folder"),
+    "figure inside a file": ("--figure", "file/study.png", "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUTS))
+@pytest.mark.parametrize("which", ["--checkpoint", "--runs"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_evaluation(
+        case, which, tmp_path, monkeypatch):
+    flag, where, cause = OUTPUTS[case]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("mine")
+    os.makedirs(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints" / "latest.pt").write_bytes(b"weights")
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"args": {"seed": 0}}))
+    write_lc25000(tmp_path / "lc", per_class=1)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started")
+    for name in ("dataset_fingerprints", "evaluate_checkpoint", "group_runs"):
+        monkeypatch.setattr(evaluate, name, no_work)
+    path = tmp_path / where
+    target = str(tmp_path / "run" / "checkpoints" / "latest.pt")
+    if which == "--runs":
+        target = str(tmp_path / "run")
+    started = time.monotonic()
+    with pytest.raises(UsageError) as error:
+        evaluate.main([which, target, "--dataset", f"lc25000_colon={tmp_path / 'lc'}",
+                       flag, str(path)])
+    seconds = time.monotonic() - started
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{flag} {path}: ") and cause in message
+    assert seconds < 1, f"{seconds:.2f} s to refuse {flag} {path}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_an_output_in_a_read_only_folder_is_refused_before_any_evaluation(tmp_path, monkeypatch):
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    monkeypatch.setattr(evaluate, "dataset_fingerprints", None)  # called: a TypeError
+    with pytest.raises(UsageError, match="no permission to write in"):
+        evaluate.main(["--checkpoint", str(tmp_path / "none.pt"),
+                       "--output", str(tmp_path / "read_only" / "results.json")])
+
+
 @pytest.fixture(scope="module")
 def demo_results(demo_run, tmp_path_factory):
     """evaluate.py on the demo run's final checkpoint and the demo's held-out sets."""
@@ -257,6 +305,7 @@ def test_multi_seed_table_groups_runs_by_manifest_and_uses_sample_std(tmp_path, 
         return result
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
     output = tmp_path / "study" / "results.json"
+    os.makedirs(output.parent)  # an --output in a folder that does not exist is refused
     evaluate.main(["--runs", *folders, *datasets, "--output", str(output),
                    "--figure", str(tmp_path / "study.png")])
     study = json.loads(output.read_text())

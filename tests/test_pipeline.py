@@ -8,6 +8,7 @@ import csv
 import hashlib
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
+from support import resize as resize_module
 from support.resize import resize_record
 from support.errors import UsageError
 from test_quilt_data import FixedTokenizer, quilt_row, write_quilt
@@ -187,6 +189,26 @@ def test_the_resize_refuses_to_write_into_its_source_or_another_resize(quilt, tm
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert "holds no resize.json" in one_line(resize, csv_path, tmp_path / "other")
     assert not os.path.exists(os.path.join(source, "images"))
+
+
+@pytest.mark.parametrize("case", ["a file", "inside a file"])
+def test_a_resize_into_a_file_is_refused_before_the_csv_is_read(case, quilt, tmp_path,
+                                                                 monkeypatch):
+    csv_path, _ = quilt
+    (tmp_path / "taken").write_text("mine")
+    out_dir = tmp_path / "taken"
+    if case == "inside a file":
+        out_dir = out_dir / "copies"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the resize started")
+    monkeypatch.setattr(resize_module, "open_csv", no_work)
+    started = time.monotonic()
+    message = one_line(resize, csv_path, out_dir)
+    seconds = time.monotonic() - started
+    assert message.startswith(f"OUT_DIR {out_dir}: ") and "is a file, not a folder" in message
+    assert seconds < 1, f"{seconds:.2f} s to refuse {out_dir}"
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_an_unreadable_image_names_its_row_or_is_kept_and_counted_with_skip_bad(tmp_path):

@@ -11,10 +11,12 @@ import os
 import numpy as np
 import pytest
 import scipy.stats
+from matplotlib.collections import PathCollection
 from PIL import Image
 
 import evaluate
 from support import study
+from support.errors import UsageError
 
 H100 = {"type": "cuda", "torch_threads": 8, "cpu": "x86_64", "gpus": ["NVIDIA H100"]}
 A100 = {"type": "cuda", "torch_threads": 8, "cpu": "x86_64", "gpus": ["NVIDIA A100"]}
@@ -29,9 +31,10 @@ def write_colon(root):
             Image.new("RGB", (32, 32), (200, 100, 150)).save(path)
 
 
-def run_study(tmp_path, monkeypatch, runs, figure=None):
+def run_study(tmp_path, monkeypatch, runs, figure=None, other_folders=()):
     """Fake run folders from `runs`, [(manifest changes, zero-shot score)], studied by
-    evaluate.main; returns results.json (the table goes to stdout)."""
+    evaluate.main with `other_folders` among them; returns results.json (the table goes to
+    stdout)."""
     write_colon(tmp_path / "lc")
     folders = []
     scores = {}
@@ -61,7 +64,8 @@ def run_study(tmp_path, monkeypatch, runs, figure=None):
         return {**request, "datasets": {task: methods for task in datasets}}
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
     output = tmp_path / "results.json"
-    flags = ["--runs", *folders, "--dataset", f"lc25000_colon={tmp_path / 'lc'}",
+    flags = ["--runs", *folders, *map(str, other_folders),
+             "--dataset", f"lc25000_colon={tmp_path / 'lc'}",
              "--output", str(output)]
     if figure:
         flags += ["--figure", str(figure)]
@@ -162,3 +166,74 @@ def test_results_table_and_figure_hold_the_comparisons(tmp_path, monkeypatch, ca
     # LC25000's augmented siblings leak across a random split: said where the probe is shown.
     assert "1,250 originals" in table
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_without_a_checkpoint_or_manifest_are_skipped_and_named(tmp_path, monkeypatch,
+                                                                      capsys):
+    failed_at_start = tmp_path / "failed"  # what a run that failed at its start leaves
+    os.makedirs(failed_at_start / "checkpoints")
+    (failed_at_start / "manifest.json").write_text("{}")
+    no_manifest = tmp_path / "no_manifest"
+    os.makedirs(no_manifest / "checkpoints")
+    (no_manifest / "checkpoints" / "latest.pt").write_bytes(b"weights")
+    figure = tmp_path / "study.png"
+    results = run_study(tmp_path, monkeypatch, [({}, 0.80), ({}, 0.82)], figure=figure,
+                        other_folders=[failed_at_start, no_manifest])
+    [configuration] = results["configurations"]
+    assert len(configuration["runs"]) == 2
+    out = capsys.readouterr().out
+    assert f"skipping {failed_at_start}: no checkpoints/latest.pt" in out
+    assert f"skipping {no_manifest}: no manifest.json" in out
+    # where the results and the figure went, as absolute paths
+    assert f"wrote the study's results to {tmp_path / 'results.json'}" in out
+    assert f"wrote the figure to {figure}" in out
+
+
+def test_a_study_of_no_usable_run_is_one_line(tmp_path):
+    os.makedirs(tmp_path / "failed" / "checkpoints")
+    with pytest.raises(UsageError, match="none of the 1 folders holds manifest.json"):
+        evaluate.main(["--runs", str(tmp_path / "failed"), "--output",
+                       str(tmp_path / "results.json")])
+
+
+def panels_by_row(figure):
+    """The figure's panels as rows (matplotlib keeps them in the order they were made)."""
+    axes = [ax for ax in figure.axes if ax.get_subplotspec()]
+    rows = axes[0].get_subplotspec().get_gridspec().nrows
+    columns = len(axes) // rows
+    return [axes[row * columns:(row + 1) * columns] for row in range(rows)]
+
+
+def test_the_figure_has_a_legend_one_x_range_per_row_and_intervals_cut_at_one(
+        tmp_path, monkeypatch):
+    # Two seeds far apart: a Welch interval of about -5 to +5, where a difference lies in [-1, 1].
+    figure_path = tmp_path / "study.png"
+    results = run_study(tmp_path, monkeypatch, [
+        ({}, 0.10), ({}, 0.90), ({"lr": 1e-4}, 0.50), ({"lr": 1e-4}, 0.55)])
+    low, high = comparison(results)["interval"]
+    assert low < -1 and high > 1
+    figure = study.draw_figure(results["configurations"], results["comparisons"], figure_path)
+    assert figure_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [legend] = figure.legends
+    entries = [text.get_text() for text in legend.get_texts()]
+    assert entries[:2] == ["one seed's score", "mean ± sample std over seeds"]
+    assert any("95% Welch interval" in entry for entry in entries)
+    assert any("cut at -1 or +1" in entry for entry in entries)
+    zero_shot, probe, differences = panels_by_row(figure)
+    for row, label in ((zero_shot, "zero-shot"), (probe, "linear probe"),
+                       (differences, "minus")):
+        assert len({ax.get_xlim() for ax in row}) == 1  # one x-scale per row
+        assert all(label in ax.get_xlabel() for ax in row)
+    for ax in zero_shot + probe:  # every seed inside its panel, none on an edge
+        left, right = ax.get_xlim()
+        margin = 0.05 * (right - left)
+        seeds = np.concatenate([dots.get_offsets()[:, 0] for dots in ax.collections
+                                if isinstance(dots, PathCollection)])  # not the std bars
+        assert left + margin < seeds.min() and seeds.max() < right - margin
+    left, right = differences[0].get_xlim()
+    assert -1.2 < left < -1 and 1 < right < 1.2
+    for ax in differences:
+        ends = np.concatenate([line.get_xdata() for line in ax.lines])
+        assert ends.min() >= -1 and ends.max() <= 1
+        markers = {line.get_marker() for line in ax.lines}
+        assert {"<", ">"} <= markers  # the cut marked at both ends
