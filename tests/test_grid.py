@@ -84,12 +84,12 @@ def test_the_grid_runs_here_after_a_kill_and_feeds_the_study(small_csv, demo_csv
     run and started again: the first is skipped, the second resumes, all four finish; then
     evaluate.py --runs pools them into two configurations, and their curves are drawn."""
     common = ["--train-data", str(small_csv), "--image-root", os.path.dirname(demo_csv),
-              "--batch-size", "8", "--max-steps", "30", "--save-every", "5", "--log-every",
-              "5", "--workers", "0", "--zeroshot-every", "15"]
+              "--batch-size", "8", "--max-steps", "20", "--save-every", "4", "--log-every",
+              "4", "--workers", "0", "--zeroshot-every", "20"]
     runs, _ = write(tmp_path, "--vary", "rrc-scale=0.7,0.8", "--seeds", "0", "1", "--", *common)
     folders = [line[line.index("--output-dir") + 1] for line in map(shlex.split, open(runs))]
     first = grid_run(runs, start_new_session=True, stdout=subprocess.DEVNULL)
-    second_checkpoint = os.path.join(folders[1], "checkpoints", "step_5.pt")
+    second_checkpoint = os.path.join(folders[1], "checkpoints", "step_4.pt")
     wait_until(lambda: os.path.exists(second_checkpoint), 300, "the second run's checkpoint")
     os.killpg(first.pid, signal.SIGKILL)  # the runner and the run it started
     first.wait()
@@ -103,7 +103,7 @@ def test_the_grid_runs_here_after_a_kill_and_feeds_the_study(small_csv, demo_csv
         assert manifest["final_weights_sha256"]
     with open(os.path.join(folders[1], "manifest.json")) as f:
         history = json.load(f)["history"]
-    assert len(history) == 2 and history[1]["from_step"] >= 5  # resumed, not restarted
+    assert len(history) == 2 and history[1]["from_step"] >= 4  # resumed, not restarted
     study = subprocess.run([sys.executable, "evaluate.py", "--runs", *folders, "--output",
                             str(tmp_path / "results.json")], cwd=REPO, capture_output=True,
                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -567,13 +567,14 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(tmp_path):
 @pytest.mark.parametrize("command, argv", [
     ("evaluate", ["--runs", "r", "--figur", "x.png"]), ("bench", ["--step", "2"]),
     ("data", ["resize", "a.csv", "out", "--short", "128"]), ("model", ["--export-h", "a", "b"]),
+    ("grid", ["write", "out", "--seed", "1"]),
 ])
 def test_every_command_refuses_a_shortened_flag(command, argv, capsys):
     """argparse accepts a prefix of a flag by default; a script that says --step would silently
     mean whatever flag --step prefixes today. Every parser here refuses it."""
     import importlib
     main = importlib.import_module(command)
-    parse = getattr(main, "parse_args", None) if command in ("evaluate", "bench") else main.main
+    parse = main.parse_args if command in ("evaluate", "bench", "grid") else main.main
     with pytest.raises(SystemExit) as exit:
         parse(argv)
     assert exit.value.code == 2
