@@ -19,7 +19,6 @@ that tells what --local-loss and --gather-with-grad really compute. `main`, at t
 the phases of a run.
 """
 import contextlib
-import datetime
 import io
 import math
 import os
@@ -41,9 +40,10 @@ from support import demo_data, distributed, run_folder
 from support.csv_table import Rows, check_paths
 from support.data_checks import report_crop_fallback, report_split, usable_samples
 from support.errors import UsageError, run_main
-from support.files import atomic_write, file_sha256, weights_sha256, write_json
+from support.files import atomic_write, file_sha256, weights_sha256
 from support.machine import default_precision, keep_freed_memory
-from support.manifest import write_manifest
+from support.manifest import finish_invocation, write_manifest
+from support.measure import Stopwatch
 from support.pretrained import read_weights_file, run_tokenizer_folder
 from support.train_flags import continue_recorded_run, given_flags, image_root, parse_args
 from support.training_log import Log, NonFiniteLoss
@@ -325,21 +325,6 @@ def next_micro_batches(batches, accum_steps, device):
 
 # ----------------------------------------------------------------------------- the phases of a run
 
-class Stopwatch:
-    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
-    scales with the rows shows, printed at start and kept in the manifest."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.last = time.perf_counter()
-
-    def lap(self, phase):
-        """The time since the last lap is `phase`'s."""
-        now = time.perf_counter()
-        self.seconds[phase] = round(now - self.last, 3)
-        self.last = now
-
-
 class TrainData(NamedTuple):
     """The CSV's training rows (its --train-split) and what is known of them before training."""
     rows: Rows           # (image path, caption) of the rows the split keeps
@@ -450,6 +435,15 @@ def make_schedule(args, usable, world):
     return Schedule(global_batch, steps_per_epoch, total_steps, warmup, save_every)
 
 
+def last_step(args, schedule, start_step):
+    """The step this invocation ends after: the run's last, or --stop-at-step's if sooner."""
+    last = min(schedule.total_steps, args.stop_at_step or math.inf)
+    if last <= start_step:
+        raise UsageError(f"--stop-at-step {args.stop_at_step}: this run is at step {start_step} "
+                         "already. Stop at a later step, or leave the flag out.")
+    return last
+
+
 def find_resume_point(args, proc):
     """(path, checkpoint) that --resume names, loaded on every rank; None where there is none
     (no --resume, or --resume auto in a folder without a checkpoint: a fresh start)."""
@@ -524,10 +518,11 @@ def save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity, i
     distributed.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
 
 
-def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc):
-    """An optimizer step per global batch; a log line every --log-every steps and a checkpoint
-    every schedule.save_every, both at the last step too."""
+def train(args, model, ddp_model, optimizer, loader, schedule, start_step, last, skipped,
+          identity, run_dir, proc):
+    """An optimizer step per global batch up to step `last`; a log line every --log-every steps
+    and a checkpoint every schedule.save_every, both at the run's last step too, and a checkpoint
+    at `last` (where --stop-at-step ends this invocation)."""
     total = schedule.total_steps
     autocast = torch.autocast(proc.device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16")
@@ -535,7 +530,7 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
     batches = iter(loader)
     log_path = os.path.join(run_dir, "log.jsonl")
     with Log(log_path, total, start_step, proc.is_main) as log:
-        for step in range(start_step, total):
+        for step in range(start_step, last):
             lr = cosine_lr(step, args.lr, schedule.warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -550,7 +545,7 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
                 optimizer_step(model, optimizer, args, norm)
             log.progress.update()
             log_now = done % args.log_every == 0 or done == total
-            save_now = done % schedule.save_every == 0 or done == total
+            save_now = done % schedule.save_every == 0 or done == last
             if log_now or save_now:  # the only synchronisations in the loop
                 nonfinite.check()  # never log or save a model that is not finite
             if log_now:
@@ -569,15 +564,11 @@ def finish(args, model, tokenizer, manifest, skipped, started, run_dir, device):
     """Rank 0's: fingerprint the final weights, close the manifest, and score the demo."""
     sha = weights_sha256(model.state_dict())
     print(f"final weights sha256 {sha}")
-    finished = datetime.datetime.now().isoformat()
-    manifest.update({"final_weights_sha256": sha, "finished": finished,
-                     "skipped_nonfinite_steps": skipped})
-    manifest["history"][-1].update(finished=finished, to_step=manifest["total_steps"],
-                                   wall_time_s=round(time.time() - started, 1))
+    manifest.update({"final_weights_sha256": sha, "skipped_nonfinite_steps": skipped})
     demo_csv = os.path.join(demo_data.DEMO_DIR, "train.csv")
     if os.path.abspath(args.train_data) == os.path.abspath(demo_csv):
         manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
-    write_json(os.path.join(run_dir, "manifest.json"), manifest)
+    finish_invocation(manifest, run_dir, manifest["total_steps"], started)
 
 
 def run(args, run_dir, proc, resume_point, started):
@@ -590,6 +581,7 @@ def run(args, run_dir, proc, resume_point, started):
     schedule = make_schedule(args, len(train_data.samples), proc.world)
     identity = run_folder.run_identity(args, schedule, train_data)
     start_step, skipped = resume_or_start(resume_point, model, optimizer, identity, proc)
+    last = last_step(args, schedule, start_step)
     ddp_model = distribute(model, args, proc.world)
     loader = make_loader(args, train_data, tokenizer, model.config, schedule, start_step, proc)
     clock.lap("resume and loader")
@@ -607,9 +599,11 @@ def run(args, run_dir, proc, resume_point, started):
         print(f"another split of this global batch (RULE 3): {guarantee['level']}, "
               f"{guarantee['why']}")
 
-    train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc)
-    if proc.is_main:
+    train(args, model, ddp_model, optimizer, loader, schedule, start_step, last, skipped,
+          identity, run_dir, proc)
+    if proc.is_main and last < schedule.total_steps:  # stopped early: to be continued
+        finish_invocation(manifest, run_dir, last, started)
+    elif proc.is_main:
         finish(args, model, tokenizer, manifest, skipped, started, run_dir, proc.device)
     if dist.is_initialized():
         dist.destroy_process_group()

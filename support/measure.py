@@ -1,5 +1,5 @@
-"""bench.py's stopwatch and meters: step times with the device synchronised, the peak matmul
-rate MFU is measured against, peak memory, the device's name."""
+"""Stopwatches and meters: train.py's start-up phases; bench.py's step times with the device
+synchronised, the peak matmul rate MFU is measured against, peak memory, the device's name."""
 import platform
 import resource
 import statistics
@@ -7,6 +7,22 @@ import sys
 import time
 
 import torch
+
+
+class Stopwatch:
+    """Seconds per named phase of the start-up: on QUILT-1M's million rows, each phase that
+    scales with the rows shows, printed at start and kept in the manifest."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase):
+        """The time since the last lap is `phase`'s."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
+
 
 def time_steps(step, warmup, steps, device):
     """Call step() warmup + steps times; the seconds of each timed call, the device synchronised
