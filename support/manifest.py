@@ -32,6 +32,7 @@ def run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data):
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
                        "sha256": train_data.sha256,
+                       "images": train_data.images,
                        "resized": resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
