@@ -63,15 +63,18 @@ def saved_steps(run_dir):
     return dict(step_checkpoints(os.path.join(run_dir, "checkpoints")))
 
 
-def read_checkpoint(path):
-    """A step checkpoint of train.py; a damaged one is refused in one line that says so."""
+def read_checkpoint(path, name=None):
+    """A step checkpoint of train.py; a damaged one is refused in one line naming it `name`
+    (the file in the run folder, where `path` is a link to it)."""
     try:
         checkpoint = read_weights_file(path)
     except UsageError as e:
-        raise UsageError(f"{e} It is damaged: verify other steps (--from-step, --to-step).")
+        reason = str(e).removeprefix(f"{path}: ")
+        raise UsageError(f"{name or path}: {reason} It is damaged: verify other steps "
+                         "(--from-step, --to-step).")
     if not isinstance(checkpoint, dict) or not {"model", "optimizer", "step"} <= set(checkpoint):
-        raise UsageError(f"{path}: not a checkpoint of train.py (no model, optimizer and step). "
-                         "Verify other steps (--from-step, --to-step).")
+        raise UsageError(f"{name or path}: not a checkpoint of train.py (no model, optimizer and "
+                         "step). Verify other steps (--from-step, --to-step).")
     return checkpoint
 
 

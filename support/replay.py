@@ -177,8 +177,10 @@ def verify_run(run_dir, from_step=None, to_step=None, nproc=None, train_data=Non
     temp = tempfile.mkdtemp(prefix="verify-")
     try:
         replay_dir, start, reference_path = stage(run_dir, from_step, to_step, temp)
-        args = compare_runs.read_checkpoint(start).get("args") or manifest["args"]
-        reference = compare_runs.read_checkpoint(reference_path)
+        folder = os.path.join(run_dir, "checkpoints")  # the names errors give
+        args = compare_runs.read_checkpoint(start, f"{folder}/step_{from_step}.pt").get("args")
+        reference = compare_runs.read_checkpoint(reference_path, f"{folder}/step_{to_step}.pt")
+        args = args or manifest["args"]
         data = where_the_data_is(run_dir, manifest, args, train_data, image_root)
         processes, accum = replay_split(manifest, args, entries, nproc)
         threads = entries[-1].get("device", {}).get("torch_threads") or 1
