@@ -39,7 +39,8 @@ import data
 import train
 from model import CLIP, model_config
 from support import demo_data
-from support.bench_data import checks_overhead, input_pipeline, table_memory
+from support.bench_data import (checks_overhead, fingerprint_cost, input_pipeline,
+                                table_memory)
 from support.errors import UsageError, run_main
 from support.machine import keep_freed_memory
 from support.measure import device_name, measure, peak_meter, peak_rss_mib, time_steps
@@ -146,6 +147,9 @@ def parse_args(argv=None):
     a("--gpu-samples-per-s", type=float, default=4291,
       help="--input-pipeline: the training rate to feed (default: ViT-B-32, bf16, "
            "--no-deterministic, one H100: a figure measured on another machine)")
+    a("--fingerprint-rows", type=int, default=None,
+      help="instead: time the manifest's images fingerprint on a QUILT-shaped CSV of this "
+           "many rows")
     a("--ddp", type=int, default=0, metavar="N",
       help="instead: DDP steps on N gloo processes of one thread, DDP's all-reduce against "
            "train.py's tree hook")
@@ -303,6 +307,8 @@ def main(argv=None):
         return input_pipeline(args.frames, args.gpu_samples_per_s, args.seed)
     if args.ddp:
         return reduction_cost(args)
+    if args.fingerprint_rows:
+        return fingerprint_cost(args.fingerprint_rows, args.seed)
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

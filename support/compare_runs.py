@@ -187,6 +187,7 @@ def over(entries, value):
 def recorded_facts(manifest, entries):
     """{fact: value}: what can change the bits, as the manifest recorded it for the invocations
     `entries` (RULE 9), under the names the verdicts print."""
+    # RULE 9: the manifest read back: each fact that could change the bits, to compare.
     train_data = manifest.get("train_data", {})
 
     def commit(entry):

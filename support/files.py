@@ -72,6 +72,14 @@ IMAGE_SAMPLE = 5000
 IMAGE_SAMPLE_SEED = 0
 
 
+def fingerprint_sample(count, sample=IMAGE_SAMPLE, seed=IMAGE_SAMPLE_SEED):
+    """The row indices images_fingerprint reads, in order: all `count`, or `sample` of them."""
+    if count <= sample:
+        return range(count)
+    picked = np.random.default_rng(seed).choice(count, sample, replace=False)
+    return np.sort(picked).tolist()
+
+
 def images_fingerprint(paths, root, sample=IMAGE_SAMPLE, seed=IMAGE_SAMPLE_SEED):
     """The image files' fingerprint: sha256 over the path (as the CSV gives it) and the bytes of
     each file of a seeded sample of `paths` (all of them, up to `sample`), with the counts and the
@@ -79,10 +87,7 @@ def images_fingerprint(paths, root, sample=IMAGE_SAMPLE, seed=IMAGE_SAMPLE_SEED)
     the same; one changed file among a million is found only if the sample holds it. A file that
     cannot be read counts as its path and "unreadable" (bad rows are --bad-samples' business)."""
     count = len(paths)
-    indices = range(count)
-    if count > sample:
-        picked = np.random.default_rng(seed).choice(count, sample, replace=False)
-        indices = np.sort(picked).tolist()
+    indices = fingerprint_sample(count, sample, seed)
     digest = hashlib.sha256()
     for index in indices:
         path = paths[index]
