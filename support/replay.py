@@ -45,7 +45,8 @@ def choose_interval(run_dir, from_step, to_step):
 
 
 def link_or_copy(source, target):
-    """A hard link (no bytes copied, and it outlives RUN deleting the file), else a copy."""
+    """A hard link (no bytes copied, and it outlives RUN deleting the file), else a copy: the
+    temporary folder is on another file system than RUN (set TMPDIR to one on RUN's to link)."""
     try:
         os.link(source, target)
     except FileNotFoundError:
