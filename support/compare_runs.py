@@ -280,6 +280,9 @@ def flatten(value, prefix=""):
     return flat
 
 
+ABSENT = object()  # a key one manifest lacks: printed as such, not as a value
+
+
 def manifest_differences(a, b):
     """[(key, value in a, value in b)] of the manifests' leaves that differ."""
     flat_a = flatten(a)
@@ -289,7 +292,7 @@ def manifest_differences(a, b):
         parts = set(key.replace("[", ".").split("."))
         if parts & NOT_COMPARED or key == "tokenizer.path" or flat_a.get(key) == flat_b.get(key):
             continue
-        rows.append((key, flat_a.get(key, "absent"), flat_b.get(key, "absent")))
+        rows.append((key, flat_a.get(key, ABSENT), flat_b.get(key, ABSENT)))
     return rows
 
 
@@ -304,7 +307,8 @@ def configuration(manifest):
 
 
 def shorten(value, width=34):
-    text = json.dumps(value)
+    """A value as the table prints it: JSON, cut to `width` characters."""
+    text = "(absent)" if value is ABSENT else json.dumps(value)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
