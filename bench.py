@@ -39,7 +39,8 @@ import data
 import train
 from model import CLIP, model_config
 from support import demo_data
-from support.bench_data import checks_overhead, input_pipeline, table_memory
+from support.bench_data import (checks_overhead, fingerprint_cost, input_pipeline,
+                                table_memory)
 from support.errors import UsageError, run_main
 from support.machine import keep_freed_memory
 from support.measure import (device_name, held_bytes, measure, peak_meter, print_setup,
@@ -82,7 +83,7 @@ def model_flops(cfg, batch_size):
 def training_step(model, raw_model, optimizer, train_args, autocast, batches, device):
     """One optimizer step as train.py's loop takes it (without the lr schedule and logging)."""
     def step():
-        micro_batches = train.next_micro_batches(batches, 1, device)
+        micro_batches = data.next_micro_batches(batches, 1, device)
         train.train_step(model, micro_batches, train_args, autocast)
         train.optimizer_step(raw_model, optimizer, train_args)
     return step
@@ -148,6 +149,9 @@ def parse_args(argv=None):
     a("--gpu-samples-per-s", type=float, default=4291,
       help="--input-pipeline: the training rate to feed (default: ViT-B-32, bf16, "
            "--no-deterministic, one H100: a figure measured on another machine)")
+    a("--fingerprint-rows", type=int, default=None,
+      help="instead: time the manifest's images fingerprint on a QUILT-shaped CSV of this "
+           "many rows")
     a("--ddp", type=int, default=0, metavar="N",
       help="instead: DDP steps on N gloo processes of one thread, DDP's all-reduce against "
            "train.py's tree hook, and the copies the tree holds under --accum-steps")
@@ -321,6 +325,8 @@ def main(argv=None):
         return input_pipeline(args.frames, args.gpu_samples_per_s, args.seed)
     if args.ddp:
         return reduction_cost(args)
+    if args.fingerprint_rows:
+        return fingerprint_cost(args.fingerprint_rows, args.seed)
     train_args = as_train_args(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -438,6 +438,21 @@ def make_train_loader(dataset, sampler, workers, seed, pin_memory):
                       collate_fn=collate_pairs, generator=generator)
 
 
+def next_micro_batches(batches, accum_steps, device):
+    """The next global batch's micro-batches on `device`; a bad sample stops the run. Images
+    cross from the loader workers as uint8 and are normalised here, on the device."""
+    micro_batches = []
+    for _ in range(accum_steps):
+        batch = next(batches)
+        if isinstance(batch, BadSample):
+            raise UsageError(batch.message)
+        images, tokens = batch
+        images = normalize_on_device(images, device)  # (B, 3, H, W) uint8 -> float32
+        tokens = tokens.to(device, non_blocking=True)
+        micro_batches.append([images, tokens])
+    return micro_batches
+
+
 # ----------------------------------------------------------------------------- the command
 
 def main(argv=None):

@@ -19,7 +19,6 @@ that tells what --local-loss and --gather-with-grad really compute. `main`, at t
 the phases of a run.
 """
 import contextlib
-import datetime
 import io
 import math
 import os
@@ -41,9 +40,9 @@ from support import demo_data, distributed, run_folder
 from support.csv_table import Rows, check_paths
 from support.data_checks import report_crop_fallback, report_split, usable_samples
 from support.errors import UsageError, run_main
-from support.files import atomic_write, file_sha256, weights_sha256, write_json
+from support.files import atomic_write, file_sha256, images_fingerprint, weights_sha256
 from support.machine import default_precision, keep_freed_memory
-from support.manifest import write_manifest
+from support.manifest import finish_invocation, write_manifest
 from support.measure import Stopwatch
 from support.pretrained import run_tokenizer_folder
 from support.train_flags import continue_recorded_run, given_flags, image_root, parse_args
@@ -334,21 +333,6 @@ def optimizer_step(model, optimizer, args, norm=None):
     model.clamp_logit_scale()
 
 
-def next_micro_batches(batches, accum_steps, device):
-    """The next global batch's micro-batches on `device`; a bad sample stops the run. Images
-    cross from the loader workers as uint8 and are normalised here, on the device."""
-    micro_batches = []
-    for _ in range(accum_steps):
-        batch = next(batches)
-        if isinstance(batch, data.BadSample):
-            raise UsageError(batch.message)
-        images, tokens = batch
-        images = data.normalize_on_device(images, device)  # (B, 3, H, W) uint8 -> float32
-        tokens = tokens.to(device, non_blocking=True)
-        micro_batches.append([images, tokens])
-    return micro_batches
-
-
 # ----------------------------------------------------------------------------- the phases of a run
 
 
@@ -359,6 +343,7 @@ class TrainData(NamedTuple):
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
     crop_fallback: float  # the share of crops that are RandomResizedCrop's fixed centre crop
+    images: dict = None   # the image files' fingerprint (support.files.images_fingerprint)
 
 
 def prepare_data(args, run_dir, proc, clock):
@@ -382,8 +367,11 @@ def prepare_data(args, run_dir, proc, clock):
         crop_fallback = report_crop_fallback(args, rows, sizes)
     clock.lap("checks")
     sha256 = file_sha256(args.train_data)
-    clock.lap("fingerprint")
-    return TrainData(rows, samples, split_filter, sha256, crop_fallback)
+    images = None
+    if proc.is_main:  # for the manifest, rank 0's
+        images = images_fingerprint(rows.paths, image_root(args))
+    clock.lap("fingerprints")
+    return TrainData(rows, samples, split_filter, sha256, crop_fallback, images)
 
 
 def make_tokenizer(args, rows, vocab_size, run_dir, proc):
@@ -462,6 +450,15 @@ def make_schedule(args, usable, world):
     return Schedule(global_batch, steps_per_epoch, total_steps, warmup, save_every)
 
 
+def last_step(args, schedule, start_step):
+    """The step this invocation ends after: the run's last, or --stop-at-step's if sooner."""
+    last = min(schedule.total_steps, args.stop_at_step or math.inf)
+    if last <= start_step:
+        raise UsageError(f"--stop-at-step {args.stop_at_step}: this run is at step {start_step} "
+                         "already. Stop at a later step, or leave the flag out.")
+    return last
+
+
 def resume_or_start(resume_point, model, optimizer, identity, proc):
     """(first step, steps skipped so far): from the checkpoint of find_resume_point, else 0."""
     if not resume_point:
@@ -526,11 +523,12 @@ def save_step(args, run_dir, model, optimizer, done, epoch, skipped, identity, i
     distributed.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
 
 
-def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc, zero_shot=None):
-    """An optimizer step per global batch; a log line every --log-every steps and a checkpoint
-    every schedule.save_every, both at the last step too; zero-shot accuracies every
-    --zeroshot-every steps and at the last, where `zero_shot` scores them (rank 0)."""
+def train(args, model, ddp_model, optimizer, loader, schedule, start_step, last, skipped,
+          identity, run_dir, proc, zero_shot=None):
+    """An optimizer step per global batch up to step `last`; a log line every --log-every steps
+    and a checkpoint every schedule.save_every, both at the run's last step too, and a checkpoint
+    at `last` (where --stop-at-step ends this invocation); zero-shot accuracies every
+    --zeroshot-every steps and at the run's last, where `zero_shot` scores them (rank 0)."""
     total = schedule.total_steps
     autocast = torch.autocast(proc.device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16")
@@ -538,11 +536,11 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
     batches = iter(loader)
     log_path = os.path.join(run_dir, "log.jsonl")
     with Log(log_path, total, start_step, proc.is_main) as log:
-        for step in range(start_step, total):
+        for step in range(start_step, last):
             lr = cosine_lr(step, args.lr, schedule.warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = next_micro_batches(batches, args.accum_steps, proc.device)
+            micro_batches = data.next_micro_batches(batches, args.accum_steps, proc.device)
             loss = train_step(ddp_model, micro_batches, args, autocast)
             done = step + 1
             # A finite loss can still have a gradient that overflowed in backward: judge both.
@@ -553,7 +551,7 @@ def train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipp
                 optimizer_step(model, optimizer, args, norm)
             log.progress.update()
             log_now = done % args.log_every == 0 or done == total
-            save_now = done % schedule.save_every == 0 or done == total
+            save_now = done % schedule.save_every == 0 or done == last
             if log_now or save_now:  # the only synchronisations in the loop
                 nonfinite.check()  # never log or save a model that is not finite
             if log_now:
@@ -574,15 +572,11 @@ def finish(args, model, tokenizer, manifest, skipped, started, run_dir, device):
     """Rank 0's: fingerprint the final weights, close the manifest, and score the demo."""
     sha = weights_sha256(model.state_dict())
     print(f"final weights sha256 {sha}")
-    finished = datetime.datetime.now().isoformat()
-    manifest.update({"final_weights_sha256": sha, "finished": finished,
-                     "skipped_nonfinite_steps": skipped})
-    manifest["history"][-1].update(finished=finished, to_step=manifest["total_steps"],
-                                   wall_time_s=round(time.time() - started, 1))
+    manifest.update({"final_weights_sha256": sha, "skipped_nonfinite_steps": skipped})
     demo_csv = os.path.join(demo_data.DEMO_DIR, "train.csv")
     if os.path.abspath(args.train_data) == os.path.abspath(demo_csv):
         manifest["demo_zero_shot"] = evaluate.demo_zero_shot(model, tokenizer, device)
-    write_json(os.path.join(run_dir, "manifest.json"), manifest)
+    finish_invocation(manifest, run_dir, manifest["total_steps"], started)
 
 
 def run(args, run_dir, proc, resume_point, started):
@@ -595,6 +589,7 @@ def run(args, run_dir, proc, resume_point, started):
     schedule = make_schedule(args, len(train_data.samples), proc.world)
     identity = run_folder.run_identity(args, schedule, train_data)
     start_step, skipped = resume_or_start(resume_point, model, optimizer, identity, proc)
+    last = last_step(args, schedule, start_step)
     ddp_model = distribute(model, args, proc.world)
     loader = make_loader(args, train_data, tokenizer, model.config, schedule, start_step, proc)
     clock.lap("resume and loader")
@@ -616,9 +611,11 @@ def run(args, run_dir, proc, resume_point, started):
     if args.zeroshot_every and proc.is_main:
         zero_shot = evaluate.zero_shot_scorer(model, tokenizer, dict(args.zeroshot_data),
                                               proc.device)
-    train(args, model, ddp_model, optimizer, loader, schedule, start_step, skipped, identity,
-          run_dir, proc, zero_shot)
-    if proc.is_main:
+    train(args, model, ddp_model, optimizer, loader, schedule, start_step, last, skipped,
+          identity, run_dir, proc, zero_shot)
+    if proc.is_main and last < schedule.total_steps:  # stopped early: to be continued
+        finish_invocation(manifest, run_dir, last, started)
+    elif proc.is_main:
         finish(args, model, tokenizer, manifest, skipped, started, run_dir, proc.device)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """bench.py's measurements of the input side: what QUILT-1M's table costs in memory in the
 trainer and its forked workers (--table-rows), how many cores per GPU decoding and cropping its
-frames takes (--input-pipeline), and what the bad-input checks cost (--checks)."""
+frames takes (--input-pipeline), what the bad-input checks cost (--checks), and what the
+manifest's fingerprint of the image files costs (--fingerprint-rows)."""
 import csv
 import math
 import multiprocessing
@@ -19,6 +20,7 @@ from model import model_config
 from support import demo_data, train_flags
 from support.csv_table import QUILT_COLUMNS, check_paths
 from support.errors import UsageError
+from support.files import fingerprint_sample, images_fingerprint
 from support.measure import peak_rss_mib
 from support.resize import resize_image
 
@@ -321,3 +323,34 @@ def checks_overhead():
     per_row = (time.perf_counter() - started) / len(many)
     print(f"path check at start-up: {per_row * 1e6:.1f} us per CSV row "
           f"(QUILT-1M's ~1M rows: ~{per_row * 1e6:.0f} s)")
+
+
+def fingerprint_cost(rows_wanted, seed=0, distinct_frames=16):
+    """--fingerprint-rows: what support.files.images_fingerprint costs train.py's start on a
+    QUILT-shaped CSV of `rows_wanted` rows: the files it reads, their bytes, the seconds. The
+    files it samples are links to a few painted frames of QUILT's sizes (JPEG quality 90), so the
+    page cache holds them: the seconds are opening and hashing; a cold disk adds the bytes
+    divided by its read rate."""
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = write_quilt_shaped_csv(os.path.join(folder, "quilt.csv"), rows_wanted, seed)
+        rows, _, _ = data.read_csv_table(csv_path)  # the train split, as train.py reads it
+        rng = np.random.default_rng(seed)
+        tiles = [demo_data.render_tile(rng, label) for label in demo_data.DEMO_CLASSES]
+        frames = []
+        for index in range(distinct_frames):
+            size = QUILT_FRAME_SIZES[index % len(QUILT_FRAME_SIZES)]
+            frames.append(os.path.join(folder, f"frame_{index}.jpg"))
+            paint_frame(rng, tiles).resize(size, Image.BICUBIC).save(frames[-1], quality=90)
+        sampled = fingerprint_sample(len(rows))
+        read = 0
+        for number, index in enumerate(sampled):
+            path = os.path.join(folder, "images", rows.paths[index])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.symlink(frames[number % distinct_frames], path)
+            read += os.path.getsize(path)
+        started = time.perf_counter()
+        fingerprint = images_fingerprint(rows.paths, os.path.join(folder, "images"))
+        seconds = time.perf_counter() - started
+    print(f"images fingerprint of {len(rows):,} training rows: {fingerprint['files']:,} files, "
+          f"{read / 2**20:,.0f} MiB read, {seconds:.2f} s with the files page-cached (a CSV of "
+          "more rows samples as many files)")

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from support.errors import UsageError
@@ -111,6 +112,40 @@ def checkpoint_sha256(path):
                    for folder, _, names in os.walk(path) for name in names)
     listing = "".join(f"{f}\t{file_sha256(os.path.join(path, f))}\n" for f in files)
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+# Image files a fingerprint reads: all of a set this small (the demo's 2,800), else a sample.
+IMAGE_SAMPLE = 5000
+# A fixed seed, not the run's: runs of other seeds on the same images share the fingerprint.
+IMAGE_SAMPLE_SEED = 0
+
+
+def fingerprint_sample(count, sample=IMAGE_SAMPLE, seed=IMAGE_SAMPLE_SEED):
+    """The row indices images_fingerprint reads, in order: all `count`, or `sample` of them."""
+    if count <= sample:
+        return range(count)
+    picked = np.random.default_rng(seed).choice(count, sample, replace=False)
+    return np.sort(picked).tolist()
+
+
+def images_fingerprint(paths, root, sample=IMAGE_SAMPLE, seed=IMAGE_SAMPLE_SEED):
+    """The image files' fingerprint: sha256 over the path (as the CSV gives it) and the bytes of
+    each file of a seeded sample of `paths` (all of them, up to `sample`), with the counts and the
+    seed. A re-encoded, resized or replaced image folder shows here, where the CSV's sha256 stays
+    the same; one changed file among a million is found only if the sample holds it. A file that
+    cannot be read counts as its path and "unreadable" (bad rows are --bad-samples' business)."""
+    count = len(paths)
+    indices = fingerprint_sample(count, sample, seed)
+    digest = hashlib.sha256()
+    for index in indices:
+        path = paths[index]
+        digest.update(path.encode() + b"\0")
+        try:
+            with open(os.path.join(root, path), "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError:
+            digest.update(b"unreadable")
+    return {"sha256": digest.hexdigest(), "files": len(indices), "rows": count, "seed": seed}
 
 
 def weights_sha256(state_dict):

@@ -52,6 +52,19 @@ def git(*command):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def cpu_model():
+    """The CPU's model name ("Intel(R) Xeon(R) Platinum 8480+"), which platform.processor() does
+    not give on Linux: another model may run other kernels, so other bits. None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(device):
     """Library versions, the code's git commit and the hardware: for the manifest."""
     # RULE 9: a result without its library versions, code and hardware is not reproducible.
@@ -72,4 +85,5 @@ def environment(device):
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"versions": versions, "git": {"commit": commit, "dirty": dirty},
             "device": {"type": device.type, "torch_threads": torch.get_num_threads(),
-                       "cpu": platform.processor(), "gpus": gpus}}
+                       "cpu": platform.processor(), "cpu_model": cpu_model(),
+                       "gpus": gpus}}

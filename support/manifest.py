@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import torch
 
@@ -31,6 +32,7 @@ def run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data):
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
                        "sha256": train_data.sha256,
+                       "images": train_data.images,
                        "resized": resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
@@ -89,3 +91,15 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, st
     manifest.setdefault("history", []).append(invocation)
     write_json(path, manifest)
     return manifest
+
+
+def finish_invocation(manifest, run_dir, to_step, started):
+    """Close this invocation's entry of the history, and the run too if it reached its last
+    step (an invocation that --stop-at-step ended is continued by a resume), then write the
+    manifest. `started`: this invocation's start, time.time()."""
+    finished = datetime.datetime.now().isoformat()
+    if to_step == manifest["total_steps"]:
+        manifest["finished"] = finished
+    manifest["history"][-1].update(finished=finished, to_step=to_step,
+                                   wall_time_s=round(time.time() - started, 1))
+    write_json(os.path.join(run_dir, "manifest.json"), manifest)

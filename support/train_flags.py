@@ -69,6 +69,9 @@ def make_parser():
         help="micro-batches per step, with the contrastive loss over all")
     add("--epochs", type=int, default=16, help="the demo default: a few minutes on 2 CPU cores")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
+    add("--stop-at-step", type=int,
+        help="end this invocation after step N, saving a checkpoint; continue with --resume "
+             "(the run, its schedule included, stays the same)")
     add("--lr", type=float, default=5e-4,
         help="OpenCLIP's ViT default; RULE 6: stay at or above 5e-5")
     add("--wd", type=float, default=0.2,
@@ -143,7 +146,11 @@ MAY_CHANGE_ON_RESUME = {
     "zeroshot_every": "scores the model, changes no bit of it (tests/test_reproducibility.py)",
     "zeroshot_data": "what --zeroshot-every scores",
     "dist_timeout": "how long a collective may wait",
+    "stop_at_step": "where this invocation ends; the schedule stays the run's",
 }
+# Flags of one invocation alone, which a resume does not take from the checkpoint: a run stopped
+# with --stop-at-step N and resumed goes on past N.
+NOT_CONTINUED = {"stop_at_step"}
 MUST_MATCH_ON_RESUME = [
     "csv_img_key", "csv_caption_key", "csv_separator", "csv_split_key", "train_split",
     "rrc_scale", "rrc_ratio", "bad_samples", "max_image_pixels", "allow_absolute_paths",
@@ -170,7 +177,7 @@ def continue_recorded_run(args, given, recorded, checkpoint):
                 f"{getattr(args, name)!r} here, which would change the result. Leave "
                 f"{flag_name(name)} out to continue the run, or start a new --output-dir.")
     for name, value in recorded.items():
-        if hasattr(args, name) and name not in given:
+        if hasattr(args, name) and name not in given and name not in NOT_CONTINUED:
             setattr(args, name, value)
     return args
 
@@ -183,6 +190,8 @@ def check_flags(args):
         (args.accum_steps >= 1, "--accum-steps must be at least 1"),
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.max_steps is None or args.max_steps >= 1, "--max-steps must be at least 1"),
+        (args.stop_at_step is None or args.stop_at_step >= 1,
+         "--stop-at-step must be at least 1"),
         (0 < args.rrc_scale <= 1, "--rrc-scale must lie in (0, 1]"),
         (0 < args.rrc_ratio[0] <= args.rrc_ratio[1], "--rrc-ratio LO HI needs 0 < LO <= HI"),
         (args.lr > 0, "--lr must be positive"),

@@ -136,6 +136,9 @@ def test_manifest_records_everything_that_decides_a_result(uninterrupted):
     assert set(manifest["versions"]) >= {"python", "torch", "torchvision", "transformers",
                                          "tokenizers", "numpy", "pillow", "cuda", "cudnn", "nccl"}
     assert manifest["train_data"]["rows"] == 48 and len(manifest["train_data"]["sha256"]) == 64
+    images = manifest["train_data"]["images"]  # all 48 files: a set this small is read whole
+    assert (images["files"], images["rows"], len(images["sha256"])) == (48, 48, 64)
+    assert "cpu_model" in manifest["device"]
     assert len(manifest["tokenizer"]["sha256"]) == 64 and manifest["git"]["commit"]
     assert len(manifest["final_weights_sha256"]) == 64
     assert manifest["command"] and manifest["started"]

@@ -143,6 +143,16 @@ def test_a_resume_given_another_value_of_a_result_changing_flag_is_refused(name,
     assert sorted(os.listdir(tmp_path)) == ["step_3.pt"]  # nothing written
 
 
+def test_a_resume_of_a_run_stopped_with_stop_at_step_goes_on_past_it():
+    """--stop-at-step ends one invocation: the resume does not take it from the checkpoint."""
+    recorded = vars(train.parse_args(["--stop-at-step", "3", "--seed", "2"]))
+    args = train_flags.continue_recorded_run(train.parse_args([]), set(), recorded, "step_3.pt")
+    assert args.stop_at_step is None and args.seed == 2
+    given = train.parse_args(["--stop-at-step", "5"])
+    args = train_flags.continue_recorded_run(given, {"stop_at_step"}, recorded, "step_3.pt")
+    assert args.stop_at_step == 5
+
+
 def test_a_shortened_flag_is_an_error_not_the_flag_it_prefixes(capsys):
     for shortened in (["--max-step", "2"], ["--run", "x"]):
         with pytest.raises(SystemExit) as exit:
