@@ -67,7 +67,7 @@ def draw_curves(runs, path):
                         alpha=0.45)
             steps, mean, spread = mean_and_spread(curves)
             ax.plot(steps, mean, color=colour, linewidth=1.8,
-                    label=f"{group['label']} ({len(curves)} seeds)")
+                    label=f"{group['label']} ({len(curves)} seed{'s' * (len(curves) > 1)})")
             if spread is not None:
                 ax.fill_between(steps, mean - spread, mean + spread, color=colour, alpha=0.2,
                                 linewidth=0)
@@ -78,9 +78,10 @@ def draw_curves(runs, path):
     for ax in axes[len(names):]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside upper center", ncols=min(3, len(labels)),
-                  fontsize=8, title="configuration: thick line the mean over seeds, band ± "
-                  "sample std, thin lines one seed each", title_fontsize=8)
+    columns = 1 if max(map(len, labels)) > 40 else min(3, len(labels))  # long labels: a list
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=8,
+                  title="a colour per configuration: thick line the mean over seeds, band "
+                  "± sample std, thin lines one seed each", title_fontsize=8)
     figure.savefig(path, dpi=120)
     return figure
 
