@@ -181,7 +181,7 @@ def test_bad_samples_skip_is_decided_before_training_and_deterministic(messy_csv
     for name, job in zip("ab", started):
         printed = finish_train(job).stdout
         listed = tmp_path / name / "bad_samples.json"
-        assert f"--bad-samples skip: 3 of 27 rows left out, listed in {listed}" in printed
+        assert f"--bad-samples skip: 3 of 26 rows left out, listed in {listed}" in printed
         checkpoint = tmp_path / name / "checkpoints" / "latest.pt"
         runs.append(torch.load(checkpoint, weights_only=True)["model"])
         bad = json.load(open(tmp_path / name / "bad_samples.json"))
