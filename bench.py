@@ -170,6 +170,12 @@ def parse_args(argv=None):
         raise UsageError("--accum-steps must be a power of two, at least 2: the tree's.")
     if args.ddp == 1 or args.ddp < 0:
         raise UsageError("--ddp N compares reductions over N >= 2 processes.")
+    if args.ddp and (not args.deterministic or args.ddp & (args.ddp - 1)):
+        # train.py uses the tree only where its bits are promised (RULE 3); elsewhere both
+        # sides would be DDP's all-reduce.
+        raise UsageError("--ddp N times the tree hook, which train.py uses only with "
+                         "--deterministic on a power-of-two N: drop --no-deterministic or pick "
+                         "N = 2, 4, 8.")
     return args
 
 

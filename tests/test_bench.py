@@ -20,6 +20,7 @@ import bench
 from support import demo_data
 import train
 from model import CLIP, CLIPConfig, model_config
+from support.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_SIZE = CLIPConfig(embed_dim=48, image_size=48, patch_size=12, vision_width=96,
@@ -165,6 +166,14 @@ print(kept, sum(faults[-5:]))  # once settled: glibc's heap took 4-8 steps to se
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or os.environ.get("LD_PRELOAD"),
                     reason="glibc's own malloc (not one preloaded in its place, such as jemalloc "
                     "or tcmalloc)")
+@pytest.mark.parametrize("flags", [["--ddp", "2", "--no-deterministic"], ["--ddp", "3"]])
+def test_ddp_mode_is_refused_where_train_py_would_not_use_the_tree(flags):
+    """Where RULE 3 promises no bits, train.py uses DDP's all-reduce on both sides: timing 'the
+    tree hook' there would compare DDP with itself."""
+    with pytest.raises(UsageError, match="--ddp N times the tree hook"):
+        bench.parse_args(flags)
+
+
 def test_keep_freed_memory_lets_each_step_reuse_the_pages_of_the_step_before():
     probe = {}
     for mode in ("default", "keep"):
