@@ -252,3 +252,18 @@ def test_the_likeliest_cause_puts_data_first_and_a_promised_split_last():
                                                  compare_runs.SPLIT]
     causes = compare_runs.likeliest_causes(there, here, args, [(3, 8, 1), (1, 8, 3)])
     assert causes[1].startswith(compare_runs.SPLIT) and "promises no bits" in causes[1]
+
+
+def test_a_zero_shot_line_does_not_hide_the_training_line_of_its_step(tmp_path):
+    """train.py --zeroshot-every writes a line of accuracies after the training line of the same
+    step: the losses compared are the training lines', in a run with zero-shot or without."""
+    training = [{"step": step, "loss": 2.0 - step / 10, "lr": 1e-3, "logit_scale": 14.3}
+                for step in (1, 2)]
+    zero_shot = {"step": 2, "zero_shot": {"pcam": 0.5}, "zero_shot_seconds": 0.1}
+    for name, records in (("scored", [*training, zero_shot]), ("plain", training)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+    assert compare_runs.read_log(tmp_path / "scored")[2]["loss"] == 1.8
+    line, same = compare_runs.compare_losses(tmp_path / "scored", tmp_path / "plain")
+    assert same, line
