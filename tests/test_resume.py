@@ -153,6 +153,14 @@ def test_a_resume_of_a_run_stopped_with_stop_at_step_goes_on_past_it():
     assert args.stop_at_step == 5
 
 
+def test_a_resume_records_the_dist_timeout_it_waits_for_not_the_checkpoints():
+    """The process group's timeout is set before the checkpoint is read: a resume without
+    --dist-timeout waits the default, and its args (its checkpoints' record) must say so."""
+    recorded = vars(train.parse_args(["--dist-timeout", "240"]))
+    args = train_flags.continue_recorded_run(train.parse_args([]), set(), recorded, "step_3.pt")
+    assert args.dist_timeout == 60
+
+
 def test_a_run_killed_after_its_last_checkpoint_resumes_to_finish_its_manifest():
     """Killed between the last checkpoint and the manifest's final weights (the demo's scores
     or the last zero-shot run there), `--resume auto` trains no step and finishes, so that
