@@ -452,6 +452,8 @@ def make_schedule(args, usable, world):
 
 def last_step(args, schedule, start_step):
     """The step this invocation ends after: the run's last, or --stop-at-step's if sooner."""
+    if start_step == schedule.total_steps:  # killed before finish: it trains none, and finishes
+        return start_step
     last = min(schedule.total_steps, args.stop_at_step or math.inf)
     if last <= start_step:
         raise UsageError(f"--stop-at-step {args.stop_at_step}: this run is at step {start_step} "

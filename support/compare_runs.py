@@ -42,7 +42,8 @@ def read_manifest(run_dir):
 
 
 def read_log(run_dir):
-    """{step: record} of RUN/log.jsonl; {} where there is none."""
+    """{step: record} of RUN/log.jsonl's training lines; {} where there is none. A zero-shot
+    line (--zeroshot-every) shares its step with a training line and is not one: left out."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return {}
@@ -51,7 +52,8 @@ def read_log(run_dir):
         for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
-                records[record["step"]] = record
+                if "zero_shot" not in record:
+                    records[record["step"]] = record
             except (ValueError, KeyError, TypeError):
                 raise UsageError(f"{path}: line {number} is not a log record of train.py. "
                                  "Restore the file from a copy of the run folder.")

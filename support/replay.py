@@ -121,8 +121,11 @@ def launch(flags, processes, threads, log_path):
 def replay(run_dir, start, replay_dir, to_step, data, split_here, threads):
     """Train from checkpoint `start` to `to_step` in `replay_dir`; a failure is one line."""
     csv, root = data
+    # No zero-shot scores (the run's --zeroshot-every would be taken): they change no bit, and
+    # cost time and the run's test images.
     flags = ["--resume", start, "--output-dir", replay_dir, "--stop-at-step", to_step,
-             "--save-every", to_step, "--train-data", csv, "--accum-steps", split_here[1]]
+             "--save-every", to_step, "--train-data", csv, "--accum-steps", split_here[1],
+             "--zeroshot-every", 0]
     if root:
         flags += ["--image-root", root]
     output = os.path.join(os.path.dirname(replay_dir), "replay.out")

@@ -19,8 +19,9 @@ HEADLINE = "balanced_accuracy"  # what "most reproducible", comparisons and the 
 
 
 # Flags that do not make another configuration: the seed, the run's own paths, and bookkeeping
-# that cannot change a result (workers: RULE 2).
-NOT_CONFIGURATION = {"seed", "output_dir", "resume", "workers", "log_every", "save_every"}
+# that cannot change a result (workers: RULE 2), the first invocation's included (manifest args).
+NOT_CONFIGURATION = {"seed", "output_dir", "resume", "workers", "log_every", "save_every",
+                     "stop_at_step", "dist_timeout", "zeroshot_every", "zeroshot_data"}
 
 
 CONFIDENCE = 0.95  # of the interval around a difference between two configurations

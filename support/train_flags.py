@@ -149,8 +149,9 @@ MAY_CHANGE_ON_RESUME = {
     "stop_at_step": "where this invocation ends; the schedule stays the run's",
 }
 # Flags of one invocation alone, which a resume does not take from the checkpoint: a run stopped
-# with --stop-at-step N and resumed goes on past N.
-NOT_CONTINUED = {"stop_at_step"}
+# with --stop-at-step N and resumed goes on past N; --dist-timeout is in force (the process
+# group's) before the checkpoint is read, so the resume records the value it waits for.
+NOT_CONTINUED = {"stop_at_step", "dist_timeout"}
 MUST_MATCH_ON_RESUME = [
     "csv_img_key", "csv_caption_key", "csv_separator", "csv_split_key", "train_split",
     "rrc_scale", "rrc_ratio", "bad_samples", "max_image_pixels", "allow_absolute_paths",

@@ -153,6 +153,27 @@ def test_a_resume_of_a_run_stopped_with_stop_at_step_goes_on_past_it():
     assert args.stop_at_step == 5
 
 
+def test_a_resume_records_the_dist_timeout_it_waits_for_not_the_checkpoints():
+    """The process group's timeout is set before the checkpoint is read: a resume without
+    --dist-timeout waits the default, and its args (its checkpoints' record) must say so."""
+    recorded = vars(train.parse_args(["--dist-timeout", "240"]))
+    args = train_flags.continue_recorded_run(train.parse_args([]), set(), recorded, "step_3.pt")
+    assert args.dist_timeout == 60
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_finish_its_manifest():
+    """Killed between the last checkpoint and the manifest's final weights (the demo's scores
+    or the last zero-shot run there), `--resume auto` trains no step and finishes, so that
+    grid.py can see it finished; a --stop-at-step behind the run's step is refused."""
+    schedule = train.Schedule(global_batch=16, steps_per_epoch=3, total_steps=6, warmup=2,
+                              save_every=3)
+    assert train.last_step(train.parse_args([]), schedule, 6) == 6
+    assert train.last_step(train.parse_args(["--stop-at-step", "4"]), schedule, 6) == 6
+    assert train.last_step(train.parse_args(["--stop-at-step", "4"]), schedule, 3) == 4
+    with pytest.raises(UsageError, match="--stop-at-step 3: this run is at step 3 already"):
+        train.last_step(train.parse_args(["--stop-at-step", "3"]), schedule, 3)
+
+
 def test_a_shortened_flag_is_an_error_not_the_flag_it_prefixes(capsys):
     for shortened in (["--max-step", "2"], ["--run", "x"]):
         with pytest.raises(SystemExit) as exit:

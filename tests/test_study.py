@@ -42,7 +42,8 @@ def run_study(tmp_path, monkeypatch, runs, figure=None, other_folders=()):
         run = tmp_path / f"run{i}"
         os.makedirs(run / "checkpoints")
         (run / "checkpoints" / "latest.pt").write_bytes(f"weights {i}".encode())
-        args = {"model": "tiny", "lr": 5e-4, "batch_size": 8, "seed": i, "output_dir": str(run)}
+        args = {"model": "tiny", "lr": 5e-4, "batch_size": 8, "seed": i, "output_dir": str(run),
+                "stop_at_step": None, "dist_timeout": 60, "zeroshot_every": 0}
         manifest = {"args": args, "seed": i, "world_size": 1, "global_batch_size": 8,
                     "train_data": {"sha256": "ab12", "split_filter": "train"},
                     "git": {"commit": "c0ffee", "dirty": False},
@@ -105,6 +106,16 @@ def test_data_split_filter_commit_libraries_and_flags_each_make_another_configur
         tmp_path, monkeypatch, changes):
     results = run_study(tmp_path, monkeypatch, [({}, 0.80), ({}, 0.81), (changes, 0.80)])
     assert sorted(len(c["runs"]) for c in results["configurations"]) == [1, 2]
+
+
+def test_a_run_stopped_on_the_way_and_resumed_is_pooled_with_those_that_ran_through(
+        tmp_path, monkeypatch):
+    """The manifest's args are its first invocation's: --stop-at-step, --dist-timeout and
+    --zeroshot-every there end, wait or score, and decide no result."""
+    stopped = {"stop_at_step": 100, "dist_timeout": 240, "zeroshot_every": 50}
+    results = run_study(tmp_path, monkeypatch, [({}, 0.80), ({}, 0.81), (stopped, 0.82)])
+    [configuration] = results["configurations"]
+    assert len(configuration["runs"]) == 3
 
 
 def test_hardware_that_differs_inside_a_configuration_is_shown(tmp_path, monkeypatch, capsys):

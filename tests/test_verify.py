@@ -17,7 +17,7 @@ import torch
 
 import verify
 from conftest import REPO, run_train, small_run
-from support import compare_runs
+from support import compare_runs, replay, train_flags
 from support.errors import UsageError, run_main
 from support.files import images_fingerprint
 
@@ -252,3 +252,41 @@ def test_the_likeliest_cause_puts_data_first_and_a_promised_split_last():
                                                  compare_runs.SPLIT]
     causes = compare_runs.likeliest_causes(there, here, args, [(3, 8, 1), (1, 8, 3)])
     assert causes[1].startswith(compare_runs.SPLIT) and "promises no bits" in causes[1]
+
+
+def test_a_zero_shot_line_does_not_hide_the_training_line_of_its_step(tmp_path):
+    """train.py --zeroshot-every writes a line of accuracies after the training line of the same
+    step: the losses compared are the training lines', in a run with zero-shot or without."""
+    training = [{"step": step, "loss": 2.0 - step / 10, "lr": 1e-3, "logit_scale": 14.3}
+                for step in (1, 2)]
+    zero_shot = {"step": 2, "zero_shot": {"pcam": 0.5}, "zero_shot_seconds": 0.1}
+    for name, records in (("scored", [*training, zero_shot]), ("plain", training)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+    assert compare_runs.read_log(tmp_path / "scored")[2]["loss"] == 1.8
+    line, same = compare_runs.compare_losses(tmp_path / "scored", tmp_path / "plain")
+    assert same, line
+
+
+def test_the_replay_gives_only_flags_a_resume_may_change_and_scores_no_zero_shot(tmp_path,
+                                                                                 monkeypatch):
+    """The replay resumes checkpoint A: a flag a resume refuses would stop it, and the run's
+    --zeroshot-every, taken from A, would score (and need) its test images for nothing."""
+    launched = []
+
+    def no_training(flags, processes, threads, log_path):
+        launched.append([str(flag) for flag in flags])
+        with open(log_path, "w") as f:
+            f.write("error: not trained here\n")
+        return 2
+    monkeypatch.setattr(replay, "launch", no_training)
+    with pytest.raises(UsageError, match="not trained here"):
+        replay.replay(tmp_path / "run", "step_2.pt", str(tmp_path / "replay"), 4,
+                      ("pairs.csv", "images"), (1, 2), 1)
+    given = train_flags.given_flags(launched[0])
+    assert given <= set(train_flags.MAY_CHANGE_ON_RESUME)
+    recorded = vars(train_flags.parse_args(["--zeroshot-every", "5"]))
+    resumed = train_flags.continue_recorded_run(train_flags.parse_args(launched[0]), given,
+                                                recorded, "step_2.pt")
+    assert resumed.zeroshot_every == 0
