@@ -180,6 +180,11 @@ def continue_recorded_run(args, given, recorded, checkpoint):
     for name, value in recorded.items():
         if hasattr(args, name) and name not in given and name not in NOT_CONTINUED:
             setattr(args, name, value)
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if "output_dir" not in given and os.path.basename(folder) == "checkpoints":
+        # RUN/checkpoints/step_N.pt continues RUN where it is now, not where it was recorded
+        # (a copied or moved run, or a relative path typed in another folder).
+        args.output_dir = os.path.dirname(folder)
     return args
 
 

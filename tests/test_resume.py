@@ -174,6 +174,21 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_finish_its_manifest()
         train.last_step(train.parse_args(["--stop-at-step", "3"]), schedule, 3)
 
 
+def test_a_checkpoint_path_alone_continues_the_run_folder_it_lies_in(tmp_path):
+    """A moved or copied run, or a relative --output-dir recorded in another working folder:
+    `--resume RUN/checkpoints/step_N.pt` continues RUN, wherever it is now."""
+    recorded = vars(train.parse_args(["--output-dir", "runs/elsewhere", "--wd", "0.1"]))
+    checkpoint = tmp_path / "moved" / "checkpoints" / "step_3.pt"
+    given = train_flags.given_flags(["--resume", str(checkpoint)])
+    args = train.parse_args(["--resume", str(checkpoint)])
+    args = train_flags.continue_recorded_run(args, given, recorded, str(checkpoint))
+    assert args.output_dir == str(tmp_path / "moved") and args.wd == 0.1
+    given = train_flags.given_flags(["--resume", str(checkpoint), "--output-dir", "fork"])
+    args = train.parse_args(["--resume", str(checkpoint), "--output-dir", "fork"])
+    args = train_flags.continue_recorded_run(args, given, recorded, str(checkpoint))
+    assert args.output_dir == "fork"  # given: a new folder that continues from there
+
+
 def test_a_shortened_flag_is_an_error_not_the_flag_it_prefixes(capsys):
     for shortened in (["--max-step", "2"], ["--run", "x"]):
         with pytest.raises(SystemExit) as exit:
