@@ -82,13 +82,14 @@ def write_manifest(args, run_dir, proc, schedule, cfg, tokenizer, train_data, st
         manifest = {**run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data),
                     **environment(proc.device), "startup_seconds": startup_seconds,
                     "started": invocation["started"], "history": []}
+    history = manifest.setdefault("history", [])  # a manifest of an older version has none
     changes = environment_changes(manifest, invocation)
-    if changes and manifest["history"]:
+    if changes and history:
         print(f"note: this resume runs on other libraries, code or hardware than the run "
               f"started on: {'; '.join(changes)}. Bits may differ from an uninterrupted run "
               "(RULE 3); the manifest's history records it.")
         invocation["differs_from_start"] = changes
-    manifest.setdefault("history", []).append(invocation)
+    history.append(invocation)
     write_json(path, manifest)
     return manifest
 

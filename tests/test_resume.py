@@ -308,3 +308,18 @@ def test_each_rank_resumes_its_own_random_states(tmp_path):
             assert np.array_equal(np.asarray(before), np.asarray(after))
             assert np.array_equal(np.asarray(alone), np.asarray(rank0))
     assert not np.array_equal(np.asarray(everybody[1][1][0]), np.asarray(rank0_expected[0]))
+
+
+def test_a_manifest_of_an_older_version_gets_a_history_on_resume(tmp_path):
+    """A run folder written before manifests had a history: its record stays, and the resume
+    starts the history, instead of failing at its first key."""
+    from types import SimpleNamespace
+    from support import manifest
+    old = {"args": {"seed": 0}, "versions": {}, "git": {}, "device": {}, "total_steps": 6}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    args = SimpleNamespace(batch_size=8, accum_steps=1)
+    proc = SimpleNamespace(world=1, device=torch.device("cpu"))
+    written = manifest.write_manifest(args, tmp_path, proc, None, None, None, None, 3, {})
+    assert written["args"] == {"seed": 0}
+    assert [entry["from_step"] for entry in written["history"]] == [3]
+    assert json.loads((tmp_path / "manifest.json").read_text()) == written
