@@ -40,7 +40,7 @@ from support import demo_data, distributed, run_folder
 from support.csv_table import Rows, check_paths
 from support.data_checks import report_crop_fallback, report_split, usable_samples
 from support.errors import UsageError, run_main
-from support.files import atomic_write, file_sha256, images_fingerprint, weights_sha256
+from support.files import atomic_write, file_sha256, weights_sha256
 from support.machine import default_precision, keep_freed_memory
 from support.manifest import finish_invocation, write_manifest
 from support.measure import Stopwatch
@@ -343,7 +343,6 @@ class TrainData(NamedTuple):
     split_filter: dict    # the column, the value, the rows in the CSV and the rows kept
     sha256: str           # of the CSV file: the data's fingerprint
     crop_fallback: float  # the share of crops that are RandomResizedCrop's fixed centre crop
-    images: dict = None   # the image files' fingerprint (support.files.images_fingerprint)
 
 
 def prepare_data(args, run_dir, proc, clock):
@@ -367,11 +366,8 @@ def prepare_data(args, run_dir, proc, clock):
         crop_fallback = report_crop_fallback(args, rows, sizes)
     clock.lap("checks")
     sha256 = file_sha256(args.train_data)
-    images = None
-    if proc.is_main:  # for the manifest, rank 0's
-        images = images_fingerprint(rows.paths, image_root(args))
-    clock.lap("fingerprints")
-    return TrainData(rows, samples, split_filter, sha256, crop_fallback, images)
+    clock.lap("fingerprint")
+    return TrainData(rows, samples, split_filter, sha256, crop_fallback)
 
 
 def make_tokenizer(args, rows, vocab_size, run_dir, proc):

@@ -12,9 +12,10 @@ import time
 import torch
 
 import data
-from support.files import write_json
+from support.files import images_fingerprint, write_json
 from support.machine import environment
 from support.resize import resize_record
+from support.train_flags import image_root
 from support.tree_all_reduce import world_size_guarantee
 
 
@@ -32,7 +33,8 @@ def run_record(args, run_dir, proc, schedule, cfg, tokenizer, train_data):
                        "split_filter": train_data.split_filter,
                        "crop_fallback_share": train_data.crop_fallback,
                        "sha256": train_data.sha256,
-                       "images": train_data.images,
+                       # Only the first record reads the image files: a resume appends history.
+                       "images": images_fingerprint(train_data.rows.paths, image_root(args)),
                        "resized": resize_record(args.train_data)},
         "tokenizer": {"path": os.path.abspath(tokenizer_path), "vocab_size": len(tokenizer),
                       "sha256": data.tokenizer_fingerprint(tokenizer)},
