@@ -8,10 +8,9 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 from support.errors import UsageError
-from support.machine import REPO_DIR
+from support.machine import REPO_DIR, train_command
 
 RUNS_FILE = "runs.txt"
 SLURM_FILE = "slurm.sh"
@@ -108,14 +107,6 @@ def finished(run_dir):
         return "final_weights_sha256" in json.load(f)
 
 
-def launcher(nproc):
-    """The command that starts train.py on `nproc` processes of this machine."""
-    if nproc == 1:
-        return [sys.executable, os.path.join(REPO_DIR, "train.py")]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", os.path.join(REPO_DIR, "train.py")]
-
-
 def run_locally(runs, nproc):
     """Every line of `runs`, one after another: finished runs skipped, the others started or
     resumed. Stops at the first run that fails, naming it; a rerun goes on from there."""
@@ -126,7 +117,7 @@ def run_locally(runs, nproc):
             print(f"[{number}/{len(lines)}] {run_dir}: finished, skipped", flush=True)
             continue
         print(f"[{number}/{len(lines)}] {run_dir}: training", flush=True)
-        status = subprocess.run([*launcher(nproc), *words]).returncode
+        status = subprocess.run([*train_command(nproc), *words]).returncode
         if status != 0:
             raise UsageError(f"{runs}: line {number} ({run_dir}) failed with exit status "
                              f"{status}. Fix it and rerun: finished runs are skipped, this one "

@@ -5,6 +5,7 @@ import ctypes
 import os
 import platform
 import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -87,3 +88,12 @@ def environment(device):
             "device": {"type": device.type, "torch_threads": torch.get_num_threads(),
                        "cpu": platform.processor(), "cpu_model": cpu_model(),
                        "gpus": gpus}}
+
+
+def train_command(nproc):
+    """The command that starts train.py on `nproc` processes of this machine, as users start
+    it: `python train.py` for one, torchrun (its module, so no PATH is needed) for several."""
+    command = [sys.executable]
+    if nproc > 1:
+        command += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return command + [os.path.join(REPO_DIR, "train.py")]

@@ -9,14 +9,13 @@ hard-linked (or copied) out of it first.
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 from support import compare_runs
 from support.errors import UsageError
 from support.files import file_sha256
-from support.machine import REPO_DIR
+from support.machine import train_command
 
 LOGGED = ["loss", "lr", "logit_scale"]  # the log's fields that a replay must repeat to the bit
 
@@ -107,11 +106,7 @@ def replay_split(manifest, args, entries, nproc):
 
 def launch(flags, processes, threads, log_path):
     """train.py as users start it, `python train.py` or torchrun; returns its exit status."""
-    command = [sys.executable]
-    if processes > 1:
-        command += ["-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={processes}"]
-    command += [os.path.join(REPO_DIR, "train.py"), *map(str, flags)]
+    command = [*train_command(processes), *map(str, flags)]
     # The recorded threads per process: another count may add in another order.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log_path, "w") as log:
