@@ -15,6 +15,7 @@ from support.errors import UsageError
 from support.pretrained import read_weights_file
 from support.run_folder import step_checkpoints
 from support.train_flags import MUST_MATCH_ON_RESUME, flag_name, make_parser
+from support.training_log import read_log as read_log_records
 from support.tree_all_reduce import world_size_guarantee
 
 # ----------------------------------------------------------------------------- reading a run
@@ -44,20 +45,8 @@ def read_manifest(run_dir):
 def read_log(run_dir):
     """{step: record} of RUN/log.jsonl's training lines; {} where there is none. A zero-shot
     line (--zeroshot-every) shares its step with a training line and is not one: left out."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return {}
-    records = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                if "zero_shot" not in record:
-                    records[record["step"]] = record
-            except (ValueError, KeyError, TypeError):
-                raise UsageError(f"{path}: line {number} is not a log record of train.py. "
-                                 "Restore the file from a copy of the run folder.")
-    return records
+    records = read_log_records(os.path.join(run_dir, "log.jsonl"))
+    return {record["step"]: record for record in records if "zero_shot" not in record}
 
 
 def saved_steps(run_dir):

@@ -2,13 +2,13 @@
 accuracies (train.py --zeroshot-every) against the step, one colour per configuration, each seed
 a thin line and the mean ± sample std over seeds a band, so that a reader sees where seeds part
 ways. `python grid.py curves RUN [RUN ...] --figure PNG` draws it."""
-import json
 import os
 
 import numpy as np
 
 from support.errors import UsageError
 from support.study import group_runs
+from support.training_log import read_log as read_log_records
 
 PANELS = [("loss", "training loss"), ("lr", "learning rate"),
           ("logit_scale", "temperature exp(logit_scale)")]
@@ -20,14 +20,12 @@ def read_log(run):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; pass run folders of train.py.")
     series = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            values = {name: record[name] for name, _ in PANELS if name in record}
-            for task, accuracy in record.get("zero_shot", {}).items():
-                values[f"zero-shot {task}"] = accuracy
-            for name, value in values.items():
-                series.setdefault(name, {})[record["step"]] = value
+    for record in read_log_records(path):
+        values = {name: record[name] for name, _ in PANELS if name in record}
+        for task, accuracy in record.get("zero_shot", {}).items():
+            values[f"zero-shot {task}"] = accuracy
+        for name, value in values.items():
+            series.setdefault(name, {})[record["step"]] = value
     return series
 
 

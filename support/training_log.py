@@ -1,6 +1,7 @@
 """What the training loop writes and watches: log.jsonl with the progress bar, and the check for
-a non-finite loss or gradient that costs no synchronisation per step."""
+a non-finite loss or gradient that costs no synchronisation per step; and log.jsonl read back."""
 import json
+import os
 import time
 
 import torch
@@ -89,3 +90,21 @@ class NonFiniteLoss:
             raise UsageError(f"the loss or its gradient was not finite at step {first}; the last "
                              f"good checkpoint is kept in {self.run_dir}/checkpoints. Lower --lr, "
                              "set --grad-clip-norm, or pass --skip-nonfinite N.")
+
+
+def read_log(path):
+    """The records of a log.jsonl, in order ([] where there is none): training lines and
+    zero-shot lines (those with "zero_shot"). A line that is no record is refused in one line."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                record["step"]  # every line of train.py's has one
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{path}: line {number} is not a log record of train.py. "
+                                 "Restore the file from a copy of the run folder.")
+            records.append(record)
+    return records
