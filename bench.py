@@ -43,7 +43,7 @@ from support.bench_data import (checks_overhead, fingerprint_cost, input_pipelin
                                 table_memory)
 from support.errors import UsageError, run_main
 from support.machine import keep_freed_memory
-from support.measure import (device_name, held_bytes, measure, peak_meter, print_setup,
+from support.measure import (held_bytes, measure, peak_meter, print_setup, print_summary_row,
                              time_steps)
 from support.tree_all_reduce import tree_all_reduce_hook
 
@@ -387,11 +387,7 @@ def main(argv=None):
           f"the real pipeline's MFU against it: {100 * pipeline_mfu:.1f}%, its "
           f"samples/s {100 * pipeline_rate / synthetic_rate:.0f}% of the synthetic figure")
 
-    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline "
-          "| MFU synthetic, peak after each step |")
-    print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) "
-          f"| {args.precision} | {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} "
-          f"| {100 * mfu_now:.1f}% |")
+    print_summary_row(args, device, synthetic_rate, pipeline_rate, mfu_now)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stopwatches and meters: train.py's seconds per start-up phase; bench.py's step times with the
 device synchronised, the peak matmul rate MFU is measured against, peak memory, the device's
-name; the copies train.py's tree holds under accumulation; bench.py's set-up lines."""
+name; the copies train.py's tree holds under accumulation; bench.py's set-up lines and its
+summary row."""
 import platform
 import resource
 import statistics
@@ -134,3 +135,12 @@ def print_setup(args, cfg, device, freed_memory_kept):
     print(f"loss logits per rank at world size {args.world_size} x batch {args.batch_size}, fp32: "
           f"global {world_batch}x{world_batch} = {world_batch ** 2 * mib:.2f} MiB, "
           f"local {args.batch_size}x{world_batch} = {args.batch_size * world_batch * mib:.2f} MiB")
+
+
+def print_summary_row(args, device, synthetic_rate, pipeline_rate, mfu_now):
+    """The figures as a row of docs/performance.md's tables, under its header."""
+    print("| device | dtype | batch | samples/s synthetic | samples/s pipeline "
+          "| MFU synthetic, peak after each step |")
+    print(f"| {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) "
+          f"| {args.precision} | {args.batch_size} | {synthetic_rate:.1f} | {pipeline_rate:.1f} "
+          f"| {100 * mfu_now:.1f}% |")
